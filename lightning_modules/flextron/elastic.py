@@ -1,0 +1,259 @@
+"""Elastic MLP and attention by slicing (hard widths) or masking (soft, differentiable widths).
+
+``make_elastic`` swaps the class of the elastic ``nn.Linear`` modules (and of the decoder layers, for
+layer skipping) to subclasses that read a per-layer :class:`LayerState`. Parameters and state-dict
+keys stay exactly those of the Hugging Face model, so the model still saves, loads and generates as
+usual; at full width the forward is the stock one.
+
+* Hard widths (``LayerState.mlp_units`` / ``attn_units``) slice the weights: a narrower layer really
+  does less work (FFN(x; d) = W2[:, :d] act(W1[:d] x)).
+* Soft widths (``mlp_mask`` / ``attn_mask``, shape ``[..., units]``) multiply the unit activations
+  just before the output projection, so a loss can be backpropagated into router probabilities.
+  Masks may carry batch / token dimensions for input-adaptive (dynamic) routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from .arch import ArchSpec, arch_spec, layer_handles
+
+
+@dataclass
+class LayerState:
+    """Current width of one layer. ``None`` means full width / no mask."""
+
+    mlp_units: int | None = None
+    attn_units: int | None = None
+    mlp_mask: Tensor | None = None
+    attn_mask: Tensor | None = None
+    skip: bool = False
+
+    def units(self, kind: str) -> int | None:
+        return self.mlp_units if kind == "mlp" else self.attn_units
+
+    def mask(self, kind: str) -> Tensor | None:
+        return self.mlp_mask if kind == "mlp" else self.attn_mask
+
+
+class ElasticLinear(nn.Linear):
+    """An ``nn.Linear`` whose output rows (``side="rows"``) or input columns (``side="cols"``) are
+    grouped in units of ``unit`` and cut to the layer's current width."""
+
+    fx_state: LayerState
+    fx_kind: str
+    fx_side: str
+    fx_unit: int
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        st = self.fx_state
+        n = st.units(self.fx_kind)
+        mask = st.mask(self.fx_kind)
+        if n is None and mask is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.fx_side == "rows":
+            if n is None:
+                return F.linear(x, self.weight, self.bias)
+            k = n * self.fx_unit
+            return F.linear(x, self.weight[:k], None if self.bias is None else self.bias[:k])
+        # columns: x holds the units (possibly already cut by the row-side slice)
+        k = x.shape[-1] if n is None else n * self.fx_unit
+        if mask is not None:
+            m = mask[..., : k // self.fx_unit].repeat_interleave(self.fx_unit, dim=-1).to(x.dtype)
+            x = x[..., :k] * m
+        return F.linear(x[..., :k], self.weight[:, :k], self.bias)
+
+
+class ElasticLlamaDecoderLayer(LlamaDecoderLayer):
+    """Llama decoder layer that can be skipped (identity)."""
+
+    fx_state: LayerState
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):  # noqa: D102
+        if self.fx_state.skip:
+            return hidden_states
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+class ElasticGPTNeoXLayer(GPTNeoXLayer):
+    """GPT-NeoX layer that can be skipped (identity)."""
+
+    fx_state: LayerState
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):  # noqa: D102
+        if self.fx_state.skip:
+            return hidden_states
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+_LAYER_CLASSES = {LlamaDecoderLayer: ElasticLlamaDecoderLayer, GPTNeoXLayer: ElasticGPTNeoXLayer}
+
+
+@dataclass
+class WidthSpace:
+    """Discrete width choices per layer, in units (neurons for the MLP, KV groups for attention).
+
+    Attributes:
+        mlp: ascending MLP widths (neurons); the last one is the full width.
+        attn: ascending attention widths (KV groups); the last one is the full width.
+        num_layers: decoder layers.
+    """
+
+    mlp: list[int]
+    attn: list[int]
+    num_layers: int
+
+    @classmethod
+    def from_ratios(
+        cls, spec: ArchSpec, mlp_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        attn_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mlp_multiple: int = 1,
+    ) -> WidthSpace:
+        """Turn width ratios into unit counts (MLP rounded to ``mlp_multiple``, attention rounded up
+        to whole KV groups; duplicates removed, full width always included)."""
+        for r in [*mlp_ratios, *attn_ratios]:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"width ratios must lie in (0, 1], got {r}")
+        mlp = sorted(
+            {max(mlp_multiple, int(round(r * spec.intermediate_size / mlp_multiple)) * mlp_multiple) for r in mlp_ratios}
+            | {spec.intermediate_size}
+        )
+        mlp = [min(m, spec.intermediate_size) for m in mlp]
+        attn = sorted({max(1, int(-(-r * spec.num_groups // 1))) for r in attn_ratios} | {spec.num_groups})
+        return cls(sorted(set(mlp)), attn, spec.num_layers)
+
+    def unit_masks(self, kind: str) -> Tensor:
+        """``[K, units]`` 0/1 matrix: row j keeps the first ``choices[j]`` units."""
+        ch = self.mlp if kind == "mlp" else self.attn
+        full = ch[-1]
+        return (torch.arange(full)[None, :] < torch.tensor(ch)[:, None]).float()
+
+
+@dataclass
+class SubnetConfig:
+    """A concrete sub-network: per-layer widths in units and per-layer skip flags."""
+
+    mlp: list[int]
+    attn: list[int]
+    skip: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.skip:
+            self.skip = [False] * len(self.mlp)
+        if not (len(self.mlp) == len(self.attn) == len(self.skip)):
+            raise ValueError("SubnetConfig needs one mlp width, attn width and skip flag per layer")
+
+    def to_dict(self) -> dict:
+        return {"mlp": list(map(int, self.mlp)), "attn": list(map(int, self.attn)), "skip": list(map(bool, self.skip))}
+
+    @classmethod
+    def full(cls, spec: ArchSpec) -> SubnetConfig:
+        return cls([spec.intermediate_size] * spec.num_layers, [spec.num_groups] * spec.num_layers)
+
+    @classmethod
+    def uniform(cls, spec: ArchSpec, mlp_ratio: float, attn_ratio: float | None = None) -> SubnetConfig:
+        """Same ratio in every layer (the MatFormer-style nested choice)."""
+        attn_ratio = mlp_ratio if attn_ratio is None else attn_ratio
+        m = max(1, int(round(mlp_ratio * spec.intermediate_size)))
+        a = max(1, int(round(attn_ratio * spec.num_groups)))
+        return cls([m] * spec.num_layers, [a] * spec.num_layers)
+
+    @classmethod
+    def from_choices(cls, space: WidthSpace, mlp_idx: Sequence[int], attn_idx: Sequence[int]) -> SubnetConfig:
+        return cls([space.mlp[int(i)] for i in mlp_idx], [space.attn[int(i)] for i in attn_idx])
+
+
+class ElasticLM:
+    """Controller of an elastic model: sets widths or masks for the next forward passes.
+
+    Args:
+        model: a supported HF causal LM; converted in place by :func:`make_elastic`.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.spec = arch_spec(model)
+        self.states = make_elastic(model)
+
+    def set_subnet(self, cfg: SubnetConfig | None) -> None:
+        """Hard-slice every layer to ``cfg`` (None: full width). Clears masks."""
+        if cfg is not None and len(cfg.mlp) != self.spec.num_layers:
+            raise ValueError(f"SubnetConfig has {len(cfg.mlp)} layers, model has {self.spec.num_layers}")
+        for i, st in enumerate(self.states):
+            st.mlp_mask = st.attn_mask = None
+            if cfg is None:
+                st.mlp_units = st.attn_units = None
+                st.skip = False
+                continue
+            if not (0 < cfg.mlp[i] <= self.spec.intermediate_size and 0 < cfg.attn[i] <= self.spec.num_groups):
+                raise ValueError(
+                    f"layer {i}: widths mlp={cfg.mlp[i]} attn={cfg.attn[i]} outside "
+                    f"(0, {self.spec.intermediate_size}] / (0, {self.spec.num_groups}]; use skip to drop a layer"
+                )
+            st.mlp_units = None if cfg.mlp[i] == self.spec.intermediate_size else int(cfg.mlp[i])
+            st.attn_units = None if cfg.attn[i] == self.spec.num_groups else int(cfg.attn[i])
+            st.skip = bool(cfg.skip[i])
+
+    def set_masks(self, mlp_masks: Tensor | None, attn_masks: Tensor | None) -> None:
+        """Soft widths: ``mlp_masks`` ``[..., L, intermediate_size]``, ``attn_masks`` ``[..., L, groups]``.
+
+        Leading dimensions broadcast against the activations ``[B, T, units]`` (e.g. ``[B, 1, L, U]``
+        for per-sequence routing). Hard widths are reset to full so gradients reach every choice.
+        """
+        for i, st in enumerate(self.states):
+            st.mlp_units = st.attn_units = None
+            st.skip = False
+            st.mlp_mask = None if mlp_masks is None else mlp_masks[..., i, :]
+            st.attn_mask = None if attn_masks is None else attn_masks[..., i, :]
+
+    @contextmanager
+    def subnet(self, cfg: SubnetConfig | None) -> Iterator[None]:
+        """Run the body with ``cfg`` sliced in, restoring full width afterwards."""
+        self.set_subnet(cfg)
+        try:
+            yield
+        finally:
+            self.set_subnet(None)
+
+    def current(self) -> SubnetConfig:
+        """The hard configuration currently set."""
+        return SubnetConfig(
+            [s.mlp_units or self.spec.intermediate_size for s in self.states],
+            [s.attn_units or self.spec.num_groups for s in self.states],
+            [s.skip for s in self.states],
+        )
+
+
+def make_elastic(model: PreTrainedModel) -> list[LayerState]:
+    """Make ``model`` elastic in place and return the per-layer states that steer it.
+
+    Idempotent: an already elastic model gets fresh states wired in.
+    """
+    states: list[LayerState] = []
+    for h in layer_handles(model):
+        st = LayerState()
+        states.append(st)
+        lins = [(lin, "mlp", "rows", 1) for lin in h.mlp_in] + [(h.mlp_out, "mlp", "cols", 1)]
+        lins += [(lin, "attn", "rows", u) for lin, u in h.attn_in] + [(h.attn_out, "attn", "cols", h.attn_out_unit)]
+        for lin, kind, side, unit in lins:
+            if type(lin) not in (nn.Linear, ElasticLinear):
+                raise ValueError(
+                    f"cannot make {type(lin).__name__} elastic: load the model unquantized (quantization=None)"
+                )
+            lin.__class__ = ElasticLinear
+            lin.fx_state, lin.fx_kind, lin.fx_side, lin.fx_unit = st, kind, side, unit
+        layer_cls = type(h.layer)
+        if layer_cls in _LAYER_CLASSES:
+            h.layer.__class__ = _LAYER_CLASSES[layer_cls]
+        elif layer_cls not in _LAYER_CLASSES.values():
+            raise ValueError(f"unsupported decoder layer {layer_cls.__name__}")
+        h.layer.fx_state = st
+    return states

@@ -1,0 +1,205 @@
+"""Routers that pick per-layer widths for a budget, and the loss surrogate (Flextron section 3.2).
+
+* :class:`StaticRouter`: budget -> per-layer width logits. The budget enters as a one-hot over the
+  trained budgets, linearly blended between the two neighbours for an in-between value, so any
+  budget in the trained range gets a sub-network.
+* :class:`DynamicRouter`: additionally reads the (embedded) input, pooled per sequence or per token,
+  and returns width logits per input.
+* :class:`LossSurrogate`: predicts the LM loss from router probabilities, so routers can be trained
+  against a cheap differentiable stand-in once its prediction error is small.
+
+Choices are made with Gumbel-softmax (straight-through hard one-hot) during training and argmax at
+inference; :func:`widths_to_masks` turns choice probabilities into nested unit masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
+    """One-hot over sorted ``budgets``, linearly interpolated between neighbours.
+
+    Args:
+        budgets: ``[N]`` ascending trained budgets.
+        budget: scalar or ``[B]`` requested budgets within ``[budgets[0], budgets[-1]]``.
+
+    Returns:
+        ``[N]`` or ``[B, N]`` encodings summing to 1.
+    """
+    b = torch.as_tensor(budget, dtype=budgets.dtype, device=budgets.device)
+    lo, hi = float(budgets[0]), float(budgets[-1])
+    if bool(((b < lo - 1e-6) | (b > hi + 1e-6)).any()):
+        raise ValueError(f"budget {b.tolist()} outside the trained range [{lo}, {hi}]; train that budget or pick one inside")
+    flat = b.reshape(-1).clamp(lo, hi)
+    idx = torch.searchsorted(budgets, flat, right=True).clamp(1, len(budgets) - 1)
+    left, right = budgets[idx - 1], budgets[idx]
+    w = ((flat - left) / (right - left).clamp_min(1e-12)).clamp(0, 1)
+    enc = torch.zeros(flat.shape[0], len(budgets), dtype=budgets.dtype, device=budgets.device)
+    enc.scatter_(1, (idx - 1)[:, None], (1 - w)[:, None])
+    enc.scatter_add_(1, idx[:, None], w[:, None])
+    return enc.reshape(*b.shape, len(budgets))
+
+
+class _Head(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, num_layers: int, k_mlp: int, k_attn: int) -> None:
+        super().__init__()
+        self.shape = (num_layers, k_mlp, k_attn)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden, bias=False), nn.LeakyReLU(0.1), nn.Linear(hidden, num_layers * (k_mlp + k_attn))
+        )
+        # start neutral: every width equally likely, so early training sees all of them
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        L, km, ka = self.shape
+        out = self.net(x).reshape(*x.shape[:-1], L, km + ka)
+        return out[..., :km], out[..., km:]
+
+
+class StaticRouter(nn.Module):
+    """Budget -> per-layer width logits (Linear(N->hidden, no bias), LeakyReLU(0.1), Linear).
+
+    Args:
+        budgets: the trained budgets (fractions of the full cost), any order.
+        num_layers: decoder layers.
+        k_mlp, k_attn: number of MLP / attention width choices.
+        hidden: hidden units.
+    """
+
+    def __init__(self, budgets: Sequence[float], num_layers: int, k_mlp: int, k_attn: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("budgets", torch.tensor(sorted(budgets), dtype=torch.float32))
+        self.head = _Head(len(budgets), hidden, num_layers, k_mlp, k_attn)
+
+    def forward(self, budget: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Logits ``([..., L, K_mlp], [..., L, K_attn])`` for ``budget`` (scalar or ``[B]``)."""
+        return self.head(budget_encoding(self.budgets, budget))
+
+
+class DynamicRouter(nn.Module):
+    """Input-adaptive router: reads hidden states and the budget, per sequence or per token.
+
+    Args:
+        hidden_size: width of the hidden states it reads (the token embeddings).
+        budgets, num_layers, k_mlp, k_attn, hidden: as for :class:`StaticRouter`.
+        per_token: route every token separately (outputs ``[B, T, L, K]``) instead of one choice per
+            sequence (``[B, 1, L, K]``). Per-token widths cannot be sliced in a batch, so they run as
+            masks: they save no wall-clock, which the benchmark reports.
+    """
+
+    def __init__(self, hidden_size: int, budgets: Sequence[float], num_layers: int, k_mlp: int, k_attn: int,
+                 hidden: int = 128, per_token: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("budgets", torch.tensor(sorted(budgets), dtype=torch.float32))
+        self.per_token = per_token
+        self.norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden)
+        self.head = _Head(hidden + len(budgets), hidden, num_layers, k_mlp, k_attn)
+
+    def forward(self, hidden_states: Tensor, budget: float | Tensor, attention_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        h = self.norm(hidden_states.float())
+        if not self.per_token:
+            if attention_mask is None:
+                h = h.mean(1, keepdim=True)
+            else:
+                m = attention_mask[..., None].to(h)
+                h = (h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+        z = self.proj(h)
+        enc = budget_encoding(self.budgets, budget)
+        if enc.dim() == 1:
+            enc = enc.expand(z.shape[0], -1)
+        enc = enc[:, None, :].expand(-1, z.shape[1], -1)
+        return self.head(torch.cat([z, enc], dim=-1))
+
+
+def sample_choices(logits: Tensor, tau: float, training: bool) -> Tensor:
+    """Straight-through Gumbel-softmax one-hot (training) or argmax one-hot (inference)."""
+    if training:
+        return F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=-1)
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+
+
+def widths_to_masks(probs: Tensor, unit_masks: Tensor) -> Tensor:
+    """``[..., L, K]`` choice probabilities x ``[K, U]`` nested masks -> ``[..., L, U]`` unit masks.
+
+    With a one-hot the result is the 0/1 prefix mask of the chosen width; with soft probabilities,
+    unit i keeps ``P(width > i)``.
+    """
+    return probs @ unit_masks.to(probs)
+
+
+class TemperatureSchedule:
+    """Exponential Gumbel temperature decay from ``start`` to ``end`` over ``steps``."""
+
+    def __init__(self, start: float = 1.0, end: float = 0.1, steps: int = 1000) -> None:
+        if not (start > 0 and end > 0 and steps > 0):
+            raise ValueError("temperature start/end and steps must be positive")
+        self.start, self.end, self.steps = start, end, steps
+
+    def __call__(self, step: int) -> float:
+        frac = min(1.0, max(0, step) / self.steps)
+        return self.start * math.exp(frac * math.log(self.end / self.start))
+
+
+def budget_loss(cost: Tensor, budget: float | Tensor, full: float, tolerance: float = 0.02) -> Tensor:
+    """``max(0, |cost / (budget * full) - 1| - tolerance)``: zero inside the tolerance band."""
+    ratio = cost / (torch.as_tensor(budget, dtype=cost.dtype, device=cost.device) * full)
+    return F.relu((ratio - 1).abs() - tolerance)
+
+
+def expected_cost_tempered(table, mlp_logits: Tensor, attn_logits: Tensor, tau: float) -> Tensor:
+    """Expected cost under ``softmax(logits / tau)``.
+
+    The budget loss uses this deterministic expectation rather than the cost of the Gumbel sample:
+    it has low variance, and as ``tau`` falls it converges to the cost of the argmax sub-network
+    that inference deploys (with the sample's cost, the argmax drifted up to 10% off budget here).
+    ``table`` is a :class:`~lightning_modules.flextron.budgets.CostTable`.
+    """
+    return table.expected((mlp_logits.float() / tau).softmax(-1), (attn_logits.float() / tau).softmax(-1))
+
+
+class LossSurrogate(nn.Module):
+    """Predicts the LM loss of a sub-network from its (flattened) width choices and the budget.
+
+    Args:
+        in_dim: ``L * (K_mlp + K_attn)``.
+        hidden: hidden units.
+        ema: smoothing of the tracked relative error.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, ema: float = 0.9) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
+        self.ema = ema
+        self.register_buffer("rel_error", torch.tensor(float("inf")))
+        self.register_buffer("updates", torch.tensor(0))
+
+    def features(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+        return torch.cat([mlp_probs.flatten(-2), attn_probs.flatten(-2)], dim=-1)
+
+    def forward(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+        return self.net(self.features(mlp_probs, attn_probs)).squeeze(-1)
+
+    def predict_frozen(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+        """Prediction whose gradient reaches the inputs (the router) but not the surrogate."""
+        params = {k: v.detach() for k, v in self.named_parameters()}
+        return torch.func.functional_call(self, params, (mlp_probs, attn_probs))
+
+    def fit_loss(self, mlp_probs: Tensor, attn_probs: Tensor, observed: Tensor) -> Tensor:
+        """MSE to the observed LM loss; also updates the running relative error."""
+        pred = self(mlp_probs.detach(), attn_probs.detach())
+        target = observed.detach().to(pred)
+        with torch.no_grad():
+            err = ((pred - target).abs() / target.abs().clamp_min(1e-6)).mean()
+            self.rel_error.copy_(err if self.updates == 0 else self.ema * self.rel_error + (1 - self.ema) * err)
+            self.updates += 1
+        return F.mse_loss(pred, target)

@@ -187,6 +187,8 @@ class ElasticLM:
         """Hard-slice every layer to ``cfg`` (None: full width). Clears masks."""
         if cfg is not None and len(cfg.mlp) != self.spec.num_layers:
             raise ValueError(f"SubnetConfig has {len(cfg.mlp)} layers, model has {self.spec.num_layers}")
+        if cfg is not None and cfg.skip[0]:
+            raise ValueError("layer 0 cannot be skipped: the KV cache reads the sequence length from it")
         for i, st in enumerate(self.states):
             st.mlp_mask = st.attn_mask = None
             if cfg is None:

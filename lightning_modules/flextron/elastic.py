@@ -117,8 +117,8 @@ class WidthSpace:
         cls, spec: ArchSpec, mlp_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
         attn_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mlp_multiple: int = 1,
     ) -> WidthSpace:
-        """Turn width ratios into unit counts (MLP rounded to ``mlp_multiple``, attention rounded up
-        to whole KV groups; duplicates removed, full width always included)."""
+        """Turn width ratios into unit counts (MLP rounded to ``mlp_multiple``, attention to whole KV
+        groups, at least one; duplicates removed, full width always included)."""
         for r in [*mlp_ratios, *attn_ratios]:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"width ratios must lie in (0, 1], got {r}")
@@ -127,7 +127,7 @@ class WidthSpace:
             | {spec.intermediate_size}
         )
         mlp = [min(m, spec.intermediate_size) for m in mlp]
-        attn = sorted({max(1, int(-(-r * spec.num_groups // 1))) for r in attn_ratios} | {spec.num_groups})
+        attn = sorted({max(1, int(round(r * spec.num_groups))) for r in attn_ratios} | {spec.num_groups})
         return cls(sorted(set(mlp)), attn, spec.num_layers)
 
     def unit_masks(self, kind: str) -> Tensor:

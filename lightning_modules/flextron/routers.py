@@ -182,6 +182,8 @@ class LossSurrogate(nn.Module):
         self.ema = ema
         self.register_buffer("rel_error", torch.tensor(float("inf")))
         self.register_buffer("updates", torch.tensor(0))
+        self.register_buffer("abs_error", torch.tensor(0.0))
+        self.register_buffer("loss_scale", torch.tensor(0.0))
 
     def features(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
         return torch.cat([mlp_probs.flatten(-2), attn_probs.flatten(-2)], dim=-1)
@@ -199,7 +201,15 @@ class LossSurrogate(nn.Module):
         pred = self(mlp_probs.detach(), attn_probs.detach())
         target = observed.detach().to(pred)
         with torch.no_grad():
-            err = ((pred - target).abs() / target.abs().clamp_min(1e-6)).mean()
-            self.rel_error.copy_(err if self.updates == 0 else self.ema * self.rel_error + (1 - self.ema) * err)
+            # error relative to the loss scale (EMA of |error| / EMA of |loss|): a per-sample ratio
+            # explodes when a distillation loss is close to zero
+            abs_err, scale = (pred - target).abs().mean(), target.abs().mean()
+            if self.updates == 0:
+                self.abs_error.copy_(abs_err)
+                self.loss_scale.copy_(scale)
+            else:
+                self.abs_error.mul_(self.ema).add_((1 - self.ema) * abs_err)
+                self.loss_scale.mul_(self.ema).add_((1 - self.ema) * scale)
+            self.rel_error.copy_(self.abs_error / self.loss_scale.clamp_min(1e-8))
             self.updates += 1
         return F.mse_loss(pred, target)

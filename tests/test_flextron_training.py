@@ -1,0 +1,91 @@
+"""FlextronModule: shipped configs parse, a tiny fit logs per-budget results and exports; DDP agrees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from transformers import AutoModelForCausalLM
+
+from lightning_modules.flextron.module import FlextronModule
+from tests.conftest import parse_config
+
+TINY = "configs/flextron/tiny.yaml"
+
+
+def test_tiny_config_parses_and_instantiates():
+    cli = parse_config(TINY)
+    assert isinstance(cli.model, FlextronModule)
+    assert cli.model.space.attn == [1, 2]
+    assert cli.trainer.max_steps == 8
+
+
+def test_smollm2_config_parses_and_instantiates(tmp_cache):
+    cli = parse_config("configs/flextron/smollm2.yaml", overrides=["--trainer.logger=false"])
+    module = cli.model
+    assert isinstance(module, FlextronModule)
+    assert module.elastic.spec.num_layers == 30 and module.elastic.spec.num_groups == 3
+    assert module.space.attn == [1, 2, 3] and module.space.mlp[0] == 192
+    assert module.hparams.budget_metric == "latency_prefill"
+
+
+@pytest.mark.parametrize("update", ["direct", pytest.param("surrogate", marks=pytest.mark.slow)])
+def test_tiny_fit_logs_budgets_and_exports(tmp_path, update):
+    cli = parse_config(TINY, overrides=[f"--trainer.default_root_dir={tmp_path}",
+                                        f"--trainer.logger.init_args.save_dir={tmp_path}",
+                                        f"--model.init_args.router_update={update}",
+                                        "--trainer.enable_progress_bar=false"])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    for b in ("0.5", "0.7", "0.9"):
+        assert f"val/ppl_b{b}" in metrics and f"val/realized_b{b}" in metrics
+    assert "val/ppl" in metrics
+    log_dir = Path(cli.trainer.logger.log_dir)
+    widths = (log_dir / "flextron_widths.csv").read_text().splitlines()
+    assert widths[0] == "budget,layer,mlp_neurons,attn_kv_groups,realized" and len(widths) == 1 + 5 * 2
+    assert list(log_dir.glob("flextron_widths_step*.png"))
+    if update == "surrogate":
+        assert "train/surrogate_rel_error" in metrics
+    # export through the command line from the last checkpoint and reload the result
+    from lightning_modules.flextron.__main__ import main
+
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(ckpt), "--budget", "0.7", "--out", str(out)]) == 0
+    report = json.loads((out / "flextron_export.json").read_text())
+    assert report["max_abs_logit_diff_vs_masked_elastic"] < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"] <= report["parent_parameters"]
+    assert main(["export", "--checkpoint", str(ckpt), "--budget", "0.1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="budget_metric must be one of"):
+        FlextronModule(model=None, model_config={"model_type": "llama", "vocab_size": 384, "hidden_size": 32,
+                                                 "intermediate_size": 64, "num_hidden_layers": 1,
+                                                 "num_attention_heads": 2}, budget_metric="watts")
+
+
+class _RanksAgree(Callback):
+    """Fails the run unless every rank ends with the same weights, router and permutation."""
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_modules.reporting import gather_objects
+
+        digest = [float(p.detach().double().sum()) for p in pl_module.parameters()]
+        widths = pl_module.subnet_for_budget(0.5).to_dict()
+        everyone = gather_objects(trainer, (digest, widths))
+        assert len(everyone) == 2
+        assert everyone[0] == everyone[1], "ranks diverged"
+
+
+def test_ddp_two_process_fit(tmp_path, cpu_trainer_kwargs):
+    cli = parse_config(TINY, overrides=["--trainer.logger=false", "--trainer.enable_checkpointing=false"])
+    kwargs = {**cpu_trainer_kwargs, "devices": 2, "strategy": "ddp_spawn_find_unused_parameters_true"}
+    trainer = L.Trainer(**kwargs, max_steps=6, limit_val_batches=1, val_check_interval=3, callbacks=[_RanksAgree()])
+    trainer.fit(cli.model, cli.datamodule)
+    assert trainer.state.finished

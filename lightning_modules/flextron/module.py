@@ -88,6 +88,8 @@ class FlextronModule(L.LightningModule):
         interp_prob: probability that a routed step requests an in-between budget (drawn uniformly
             between the smallest and largest trained budget) so routers also learn the gaps.
         elastic_steps, router_steps: lengths of the first two stages (optimizer steps).
+        elastic_sampling: sub-networks of the elastic stage: ``per_layer`` (each layer draws its own
+            width) or ``uniform`` (one width for all layers: MatFormer-style nested training).
         tau_start, tau_end, tau_steps: Gumbel temperature schedule (``tau_steps`` None: router + joint
             stage length as estimated from the trainer).
         calibration_batches: training batches scored for importance (0: keep the original order).
@@ -119,6 +121,7 @@ class FlextronModule(L.LightningModule):
         full_prob: float = 1 / 3,
         interp_prob: float = 0.0,
         elastic_steps: int = 0,
+        elastic_sampling: str = "per_layer",
         router_steps: int = 20,
         tau_start: float = 1.0,
         tau_end: float = 0.1,
@@ -144,6 +147,8 @@ class FlextronModule(L.LightningModule):
         if router == "dynamic" and router_update == "surrogate":
             raise ValueError("the loss surrogate scores one width choice per batch: use router_update='direct' "
                              "with router='dynamic'")
+        if elastic_sampling not in ("per_layer", "uniform"):
+            raise ValueError(f"elastic_sampling must be 'per_layer' or 'uniform', got {elastic_sampling!r}")
         if not 0.0 <= full_prob <= 1.0:
             raise ValueError(f"full_prob must be in [0, 1], got {full_prob}")
         self.save_hyperparameters()
@@ -301,8 +306,14 @@ class FlextronModule(L.LightningModule):
             cfg = None
             if stage == "elastic" and float(u[0]) >= h.full_prob:
                 L_ = self.space.num_layers
-                mi = torch.randint(len(self.space.mlp), (L_,), generator=gen)
-                ai = torch.randint(len(self.space.attn), (L_,), generator=gen)
+                n = 1 if h.elastic_sampling == "uniform" else L_
+                mi = torch.randint(len(self.space.mlp), (n,), generator=gen).expand(L_)
+                if h.elastic_sampling == "uniform":  # attention follows the MLP ratio
+                    frac = self.space.mlp[int(mi[0])] / self.space.mlp[-1]
+                    ai = torch.full((L_,), min(range(len(self.space.attn)), key=lambda j: abs(
+                        self.space.attn[j] / self.space.attn[-1] - frac)))
+                else:
+                    ai = torch.randint(len(self.space.attn), (L_,), generator=gen)
                 cfg = SubnetConfig.from_choices(self.space, mi.tolist(), ai.tolist())
             with self.elastic.subnet(cfg):
                 loss = self._forward_loss(batch, teacher)

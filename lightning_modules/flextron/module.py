@@ -301,7 +301,8 @@ class FlextronModule(L.LightningModule):
         train_llm = stage != "router"
         logs: dict[str, Tensor | float] = {}
 
-        if stage == "elastic" or float(u[0]) < h.full_prob:
+        # the router stage always routes: a full-model step there would train nothing (the LLM is frozen)
+        if stage == "elastic" or (stage == "joint" and float(u[0]) < h.full_prob):
             # full model, or (elastic stage) a random nested sub-network with uniform per-layer choices
             cfg = None
             if stage == "elastic" and float(u[0]) >= h.full_prob:
@@ -347,9 +348,10 @@ class FlextronModule(L.LightningModule):
                 fit = self.surrogate.fit_loss(pm[None], pa[None], loss.detach()[None])
                 ready = bool(self.surrogate.rel_error < h.surrogate_threshold)
                 ready = self.trainer.strategy.reduce_boolean_decision(ready, all=True)
-                router_obj = h.budget_weight * b_loss
+                # the routers learn only once the surrogate is trustworthy (paper, Fig. 3)
+                router_obj = b_loss * 0.0
                 if ready:
-                    router_obj = router_obj + self.surrogate.predict_frozen(pm[None], pa[None]).mean()
+                    router_obj = h.budget_weight * b_loss + self.surrogate.predict_frozen(pm[None], pa[None]).mean()
                 total = (loss if train_llm else loss.detach() * 0) + fit + router_obj
                 logs["train/surrogate_rel_error"] = self.surrogate.rel_error
                 logs["train/surrogate_ready"] = float(ready)

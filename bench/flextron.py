@@ -228,6 +228,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "flextron.json"))
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
+    # one thread throughout: on a shared 2-core CPU a second worker thread made training ~40x slower
+    # (threads wait on descheduled peers), and latency figures are single-thread by design
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="flextron_bench_"))

@@ -24,16 +24,7 @@ from lightning_modules.flextron.routers import (
     sample_choices,
     widths_to_masks,
 )
-from tests.flextron_helpers import tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core CPU run faster and steadier on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.flextron_helpers import one_thread, tiny_llama  # noqa: F401  (autouse fixture)
 
 
 def test_param_table_counts_real_parameters():

@@ -16,7 +16,12 @@ from lightning_modules.flextron import (
     random_permutation,
     sort_by_importance,
 )
-from tests.flextron_helpers import calib_batches, tiny_llama, tiny_neox
+from tests.flextron_helpers import (
+    calib_batches,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_llama,
+    tiny_neox,
+)
 
 BUILDERS = {"llama": tiny_llama, "gpt_neox": tiny_neox}
 

@@ -12,7 +12,12 @@ from lightning_modules.flextron import ElasticLM, SubnetConfig, activation_impor
 from lightning_modules.flextron.budgets import param_table
 from lightning_modules.flextron.elastic import WidthSpace
 from lightning_modules.flextron.export import export_subnetwork
-from tests.flextron_helpers import calib_batches, tiny_llama, tiny_neox
+from tests.flextron_helpers import (
+    calib_batches,
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_llama,
+    tiny_neox,
+)
 
 
 def _elastic(builder, **kw):

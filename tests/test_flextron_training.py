@@ -62,6 +62,13 @@ def test_tiny_fit_logs_budgets_and_exports(tmp_path, update):
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"] <= report["parent_parameters"]
     assert main(["export", "--checkpoint", str(ckpt), "--budget", "0.1", "--out", str(tmp_path / "x")]) == 2
+    # a fixed routing given by hand (what a dynamic router's choice exports as)
+    fixed = tmp_path / "fixed"
+    assert main(["export", "--checkpoint", str(ckpt), "--subnet", '{"mlp": [32, 128], "attn": [1, 2]}',
+                 "--out", str(fixed)]) == 0
+    assert json.loads((fixed / "flextron_export.json").read_text())["subnet"]["mlp"] == [32, 128]
+    assert main(["export", "--checkpoint", str(ckpt), "--subnet", '{"mlp": [999, 128], "attn": [1, 2]}',
+                 "--out", str(tmp_path / "y")]) == 2
 
 
 def test_bad_settings_are_clear_errors():

@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write the static router's sub-network for a budget")
     ex.add_argument("--checkpoint", required=True, help="a FlextronModule Lightning checkpoint (.ckpt)")
-    ex.add_argument("--budget", type=float, required=True, help="fraction of the full cost, inside the trained range")
+    pick = ex.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--budget", type=float, help="fraction of the full cost, inside the trained range (static router)")
+    pick.add_argument("--subnet", help='a fixed routing as JSON, e.g. \'{"mlp": [384, 768], "attn": [1, 2]}\' '
+                      "(widths in neurons / KV groups per layer; optional \"skip\"): for dynamic routers or by hand")
     ex.add_argument("--out", required=True, help="output folder (created; replaced if it is an earlier export)")
     args = parser.parse_args(argv)
 
@@ -39,15 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     module.eval()
     if module.cost is None:
         module._build_cost_table()
+    from .elastic import SubnetConfig
+
     try:
-        cfg = module.subnet_for_budget(args.budget)
-    except ValueError as error:
+        if args.subnet is not None:
+            cfg = SubnetConfig(**json.loads(args.subnet))
+            module.elastic.set_subnet(cfg)  # validates widths against the model
+            module.elastic.set_subnet(None)
+        else:
+            cfg = module.subnet_for_budget(args.budget)
+    except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     tokens = torch.randint(0, module.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     report = export_subnetwork(module.elastic, cfg, args.out, probe_ids=tokens, extra={
         "budget_requested": args.budget, "budget_metric": module.hparams.budget_metric,
-        "budget_realized": module.realized(cfg), "checkpoint": str(ckpt)})
+        "budget_realized": _realized(module, cfg), "checkpoint": str(ckpt)})
     if module.tokenizer is not None and hasattr(module.tokenizer, "save_pretrained"):
         try:
             module.tokenizer.save_pretrained(args.out)
@@ -56,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: report[k] for k in ("architecture", "parameters", "parent_parameters", "budget_requested",
                                              "budget_realized", "max_abs_logit_diff_vs_masked_elastic")}, indent=2))
     return 0
+
+
+def _realized(module, cfg) -> float | None:
+    """Cost fraction of ``cfg`` when its widths are among the trained choices (else None)."""
+    try:
+        return module.realized(cfg)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

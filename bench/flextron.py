@@ -64,8 +64,8 @@ QUICK = dict(
 )
 FULL = dict(
     parent="smollm2-135m-instruct", parent_config=None, tokenizer=None, pretrain_steps=0, pretrain_lr=0.0, block=128,
-    batch=4, max_tokens=400_000, train_steps=200, elastic_frac=0.4, router_frac=0.2, lr=5e-5, seq=256, reps=3,
-    val_blocks=32, calib=8, mlp_ratios=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+    batch=2, max_tokens=300_000, train_steps=40, elastic_frac=0.3, router_frac=0.4, lr=5e-5, seq=256, reps=3,
+    val_blocks=16, calib=4, mlp_ratios=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     attn_ratios=[0.333, 0.667, 1.0], mlp_multiple=32,
 )
 

@@ -34,7 +34,18 @@ def test_smollm2_config_parses_and_instantiates(tmp_cache):
     assert module.hparams.budget_metric == "latency_prefill"
 
 
-@pytest.mark.parametrize("update", ["direct", pytest.param("surrogate", marks=pytest.mark.slow)])
+def test_tiny_fit_dynamic_router_logs_budgets(tmp_path):
+    cli = parse_config(TINY, overrides=[f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                                        "--trainer.enable_checkpointing=false", "--model.init_args.router=dynamic",
+                                        "--model.init_args.per_token=true", "--trainer.enable_progress_bar=false"])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    for b in ("0.6", "0.8", "1"):
+        assert f"val/ppl_b{b}" in metrics and f"val/realized_b{b}" in metrics
+    assert "train/budget_loss" in metrics
+
+
+@pytest.mark.parametrize("update", ["direct", "surrogate"])
 def test_tiny_fit_logs_budgets_and_exports(tmp_path, update):
     cli = parse_config(TINY, overrides=[f"--trainer.default_root_dir={tmp_path}",
                                         f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -45,6 +56,8 @@ def test_tiny_fit_logs_budgets_and_exports(tmp_path, update):
     for b in ("0.6", "0.8", "0.9"):
         assert f"val/ppl_b{b}" in metrics and f"val/realized_b{b}" in metrics
     assert "val/ppl" in metrics
+    # the routed stages ran (stage index 2 = joint at the last step)
+    assert float(metrics["train/stage"]) == 2.0
     log_dir = Path(cli.trainer.logger.log_dir)
     widths = (log_dir / "flextron_widths.csv").read_text().splitlines()
     assert widths[0] == "budget,layer,mlp_neurons,attn_kv_groups,realized" and len(widths) == 1 + 5 * 2

@@ -58,14 +58,14 @@ QUICK = dict(
     parent=None, parent_config={"model_type": "llama", "vocab_size": 384, "hidden_size": 128, "intermediate_size": 512,
                                 "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
                                 "max_position_embeddings": 512, "tie_word_embeddings": False},
-    tokenizer="byt5", pretrain_steps=150, pretrain_lr=3e-3, block=64, batch=8, max_tokens=150_000, train_steps=60,
-    elastic_frac=0.3, router_frac=0.4, lr=1e-3, seq=256, reps=9, val_blocks=16, calib=4,
+    tokenizer="byt5", pretrain_steps=150, pretrain_lr=3e-3, block=64, batch=8, max_tokens=150_000, train_steps=200,
+    elastic_frac=0.3, router_frac=0.3, lr=3e-4, seq=256, reps=9, val_blocks=16, calib=4,
     mlp_ratios=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0], attn_ratios=[0.25, 0.5, 0.75, 1.0], mlp_multiple=1,
 )
 FULL = dict(
     parent="smollm2-135m-instruct", parent_config=None, tokenizer=None, pretrain_steps=0, pretrain_lr=0.0, block=128,
-    batch=2, max_tokens=300_000, train_steps=40, elastic_frac=0.3, router_frac=0.4, lr=5e-5, seq=256, reps=3,
-    val_blocks=16, calib=4, mlp_ratios=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+    batch=2, max_tokens=300_000, train_steps=40, elastic_frac=0.3, router_frac=0.4, lr=5e-5, seq=256, reps=2,
+    val_blocks=8, calib=4, mlp_ratios=[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     attn_ratios=[0.333, 0.667, 1.0], mlp_multiple=32,
 )
 

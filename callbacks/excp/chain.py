@@ -454,6 +454,8 @@ class ExCPEncoder:
 
 def _candidates(from_path: Path, ref: dict[str, Any]) -> list[Path]:
     d = from_path.parent
+    if d.name == REFS_DIR:  # a retired file: its references live next to the live checkpoints
+        d = d.parent
     return [d / ref["name"], d / REFS_DIR / f"{ref['file_id']}.excp"]
 
 

@@ -590,7 +590,7 @@ def collect_garbage(directory: str | os.PathLike, keep_ids: Collection[str] = ()
 
 
 def _decode_file(
-    f: ExCPFile, ref: dict[str, torch.Tensor] | None, weights_only: bool
+    f: ExCPFile, ref: dict[str, torch.Tensor] | None, skip_moments: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]]:
     h = f.header
     kind = h["kind"]
@@ -610,14 +610,14 @@ def _decode_file(
                 kind=kind,
                 w_mode=e["w_mode"],
                 w_blob=f.record(e["rec_w"]),
-                m_blob=None if (mh is None or weights_only) else f.record(mh["rec"]),
-                v_blob=None if (vh is None or weights_only) else f.record(vh["rec"]),
+                m_blob=None if (mh is None or skip_moments) else f.record(mh["rec"]),
+                v_blob=None if (vh is None or skip_moments) else f.record(vh["rec"]),
                 ref=base,
                 shape=shape,
                 dtype=dtype_from_name(e["dtype"]),
                 m_dtype=None if mh is None else dtype_from_name(mh["dtype"]),
                 v_dtype=None if vh is None else dtype_from_name(vh["dtype"]),
-                weights_only=weights_only,
+                weights_only=skip_moments,
             )
         except ExCPFormatError:
             raise
@@ -628,10 +628,16 @@ def _decode_file(
     return weights, moments
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = False) -> dict[str, Any]:
     """Rebuild the checkpoint dict stored at ``path``, replaying its chain from the keyframe.
 
     Every file of the chain is verified (checksums, reference ids and hashes) before use.
+
+    Args:
+        path: an ExCP file.
+        weights_only: passed to ``torch.load`` for the pickled non-tensor state (hyperparameters,
+            loops, ...); False (default) trusts the file like ``torch.load`` of a ``.ckpt`` does,
+            None uses torch's default, as Lightning does.
 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, or not the reference it should be.
@@ -654,26 +660,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                     "The reference was modified; use another checkpoint",
                 )
         last = i == len(paths) - 1
-        weights, moments = _decode_file(f, ref, weights_only=not last)
+        weights, moments = _decode_file(f, ref, skip_moments=not last)
         ref = weights
         prev = f
     assert prev is not None and ref is not None
-    return _assemble(prev, ref, moments)
+    return _assemble(prev, ref, moments, weights_only)
 
 
 def _assemble(
     f: ExCPFile,
     weights: dict[str, torch.Tensor],
     moments: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    weights_only: bool | None,
 ) -> dict[str, Any]:
     h = f.header
     try:
         raw = zstandard.ZstdDecompressor().decompress(f.record(h["skeleton"]))
-        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except ExCPFormatError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupted file to the user
-        raise ExCPFormatError(f.path, f"metadata record cannot be read ({err})") from None
+    except zstandard.ZstdError as err:
+        raise ExCPFormatError(f.path, f"metadata record cannot be decompressed ({err})") from None
+    ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=weights_only)
     for e in h["entries"]:
         _set(ckpt, ("state_dict", e["name"]), weights[e["name"]])
         m, v = moments[e["name"]]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.excp.chain import ExCPEncoder, load_checkpoint
+from callbacks.excp.chain import ExCPEncoder, decode_sequence, load_checkpoint
 from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta, encode_param_keyframe
 from callbacks.excp.fileformat import atomic_write_bytes
 from callbacks.excp.quantize import (
@@ -264,6 +264,10 @@ def test_chain_reconstructs_what_encoder_tracked(tmp_path, optim):
         for k, t in ckpt["state_dict"].items():
             if t.dtype.is_floating_point and t.numel() > 20:
                 assert (got["state_dict"][k] - t).abs().max() <= t.abs().max() * 0.25 + 1e-3
+    # decoding the series in one pass gives the same checkpoints
+    seq = list(decode_sequence([p for p, _, _ in chain]))
+    for (p, got), (_, _, e) in zip(seq, chain, strict=True):
+        assert all(torch.equal(got["state_dict"][k], e.recon[k]) for k in e.recon), p
     # a rebuilt optimizer accepts the state and keeps training
     got = load_checkpoint(chain[-1][0])
     net2 = _Net()

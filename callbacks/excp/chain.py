@@ -692,3 +692,31 @@ def _assemble(
         t = decode_lossless(f.record(x["rec"]), dtype_from_name(x["dtype"]), tuple(x["shape"]))
         _set(ckpt, x["path"], t)
     return ckpt
+
+
+def decode_sequence(
+    paths: Sequence[str | os.PathLike], weights_only: bool | None = False
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Decode a series of files of one chain in order, replaying each file once (not once per file).
+
+    The first file's chain is replayed as in :func:`load_checkpoint`; each later file must reference
+    the previous one (or be a keyframe), so a whole series costs one pass.
+    """
+    prev: ExCPFile | None = None
+    ref: dict[str, torch.Tensor] | None = None
+    for p in paths:
+        p = Path(p)
+        f = ExCPFile.open(p)
+        h = f.header
+        if h["kind"] == "delta":
+            if prev is None or prev.header["file_id"] != h["ref"]["file_id"]:
+                # not a continuation of what we hold: rebuild its reference from its own chain
+                ref = None
+                for q in chain_paths(p)[:-1]:
+                    g = ExCPFile.open(q)
+                    ref, _ = _decode_file(g, ref, skip_moments=True)
+            elif prev.sha256 != h["ref"]["sha256"]:
+                raise ExCPFormatError(p, f"its reference {prev.path} does not match the one it was made against")
+        weights, moments = _decode_file(f, ref if h["kind"] == "delta" else None, skip_moments=False)
+        yield p, _assemble(f, weights, moments, weights_only)
+        ref, prev = weights, f

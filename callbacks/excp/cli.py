@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from callbacks.excp.chain import ExCPEncoder, chain_paths, load_checkpoint
+from callbacks.excp.chain import ExCPEncoder, chain_paths, decode_sequence
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, atomic_write_bytes
 from callbacks.excp.formats import HF_TRAINER, LIGHTNING, FormatError, checkpoint_step, read_any, write_any
@@ -113,8 +113,7 @@ def _compress(args: argparse.Namespace) -> None:
 
 def _decompress(args: argparse.Namespace) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
-    for src in args.inputs:
-        ckpt = load_checkpoint(src)
+    for src, ckpt in decode_sequence(args.inputs):
         fmt = ExCPFile.open(src).header.get("meta", {}).get("format", LIGHTNING)
         out = args.output / (src.stem if fmt == HF_TRAINER else src.stem + ".ckpt")
         write_any(ckpt, fmt, out)

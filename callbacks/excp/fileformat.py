@@ -2,7 +2,7 @@
 
 Layout (little endian)::
 
-    b"EXCPv1\\r\\n" | u32 format_version | u32 header_len | header (UTF-8 JSON) | u32 crc32(header)
+    b"EXCPv1\\r\\n" | u32 format_version | u32 header_len | header (zstd'd UTF-8 JSON) | u32 crc32(header)
     | records (concatenated) | sha256 of every preceding byte (32 bytes) | b"EXCP-END"
 
 The header holds the codec settings, the tensor index, the record table (offset, length, crc32 per
@@ -23,6 +23,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 __all__ = [
     "FORMAT_VERSION",
@@ -88,7 +90,7 @@ def build_file(header: dict[str, Any], records: list[tuple[str, bytes]]) -> tupl
         offset += len(blob)
     file_id = uuid.uuid4().hex
     header = dict(header, format_version=FORMAT_VERSION, file_id=file_id, records=table)
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes = zstandard.ZstdCompressor(level=9).compress(json.dumps(header, separators=(",", ":")).encode())
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)), hbytes, _CRC.pack(zlib.crc32(hbytes))]
     parts.extend(blob for _, blob in records)
     body = b"".join(parts)
@@ -123,8 +125,8 @@ def _parse_header(path: str | os.PathLike, data: bytes) -> tuple[dict[str, Any],
     if zlib.crc32(hbytes) != crc:
         raise ExCPFormatError(path, "header checksum mismatch (file is corrupted)", "Re-copy the file")
     try:
-        header = json.loads(hbytes)
-    except ValueError as e:
+        header = json.loads(zstandard.ZstdDecompressor().decompress(hbytes, max_output_size=1 << 30))
+    except (ValueError, zstandard.ZstdError) as e:
         raise ExCPFormatError(path, f"header is not valid JSON ({e})") from None
     return header, end + _CRC.size
 

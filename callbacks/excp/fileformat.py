@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
+
+from lightning_modules.reporting import atomic_write_bytes  # re-exported: temp file + fsync + rename
 
 __all__ = [
     "FORMAT_VERSION",
@@ -54,26 +55,6 @@ class ExCPFormatError(ValueError):
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
-
-    A crash mid-write leaves the previous file (or nothing), never a half-written checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_file(header: dict[str, Any], records: list[tuple[str, bytes]]) -> tuple[bytes, str, str]:

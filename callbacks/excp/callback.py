@@ -185,6 +185,10 @@ class ExCP(Callback):
             "directories": sorted({str(Path(h["path"]).parent) for h in self.history}),
         }
 
+    def run_summary(self) -> list[str]:
+        """Lines for the CLI's end-of-run summary (ratio achieved and where the checkpoints are)."""
+        return [_summary_line(self.summary())] if self.history else ["ExCP: no checkpoint was written"]
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
@@ -215,6 +219,10 @@ class ExCP(Callback):
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    print(_summary_line(s), flush=True)
+
+
+def _summary_line(s: dict[str, Any]) -> str:
     dirs = ", ".join(s["directories"])
     mb = s["compressed_bytes"] / 2**20
     raw = s["raw_wmv_bytes"] / 2**20
@@ -224,4 +232,4 @@ def _print_summary(s: dict[str, Any]) -> None:
     line += f"{mb:.2f} MB vs {raw:.2f} MB raw fp32 W+m+v ({s['overall_ratio']:.1f}x overall"
     if s["delta_ratio_median"] is not None:
         line += f", median delta {s['delta_ratio_median']:.1f}x"
-    print(line + ")", flush=True)
+    return line + ")"

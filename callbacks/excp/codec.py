@@ -165,7 +165,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _weight_factor(v: torch.Tensor | None, s: ExCPSettings) -> float:
     if v is None or v.numel() == 0:
         return s.no_v_factor
-    mean_v = float(v.double().mean())
+    mean_v = float(v.mean(dtype=torch.float64))
     if not mean_v > 0 or not math.isfinite(mean_v):
         return s.cap
     return min(s.cap, s.alpha / math.sqrt(mean_v))
@@ -239,7 +239,7 @@ def encode_param_delta(
         wpos = wmask.nonzero().reshape(-1)
         mw = m[wpos].float()
         if s.momentum_criterion:
-            thr = s.beta * float(m.double().abs().mean()) if n else 0.0
+            thr = s.beta * float(m.abs().mean(dtype=torch.float64)) if n else 0.0
             mkeep = mw.abs() > thr
         else:
             mkeep = torch.ones(mw.numel(), dtype=torch.bool)

@@ -41,7 +41,6 @@ from callbacks.excp.chain import ExCPEncoder, decode_sequence  # noqa: E402
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from callbacks.excp.fileformat import atomic_write_bytes  # noqa: E402
 
-
 # ----------------------------------------------------------------------------------------------
 # Workload
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +399,8 @@ def main() -> None:
         "weight-only pruning": replace(default, momentum_criterion=False),
         "uniform 4-bit": replace(default, quantizer="uniform"),
         "linear-domain v (paper)": replace(default, v_log_domain=False),
+        "alpha 5e-4": replace(default, alpha=5e-4),
+        "alpha 5e-3": replace(default, alpha=5e-3),
     }
     ablations = []
     for name, st in variants.items():

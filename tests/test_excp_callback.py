@@ -204,3 +204,18 @@ def test_ddp_two_processes_save_and_resume(tmp_path):
     first = next(k for k in w if k.startswith("model."))
     assert abs(float(w[first].double().sum()) - reports[0]["w"]) < 1e-6
     assert load_checkpoint(ck / "step=6.ckpt")["global_step"] == 6
+
+
+def test_one_chain_per_folder(tmp_path):
+    """Two ModelCheckpoints writing to two folders each keep their own chain (no keyframe ping-pong)."""
+    from callbacks.excp.fileformat import read_header
+
+    io = ExCPCheckpointIO()
+    w = torch.randn(32, 16)
+    for step in range(3):
+        for d in ("a", "b"):
+            ck = {"global_step": step, "state_dict": {"w": w + 0.01 * step}}
+            io.save_checkpoint(ck, tmp_path / d / f"s{step}.ckpt")
+    kinds = [read_header(tmp_path / d / f"s{s}.ckpt")["kind"] for d in ("a", "b") for s in range(3)]
+    assert kinds == ["keyframe", "delta", "delta"] * 2
+    assert io.load_checkpoint(tmp_path / "b" / "s2.ckpt")["global_step"] == 2

@@ -43,7 +43,9 @@ class ExCPCheckpointIO(CheckpointIO):
         names: NameProvider | None = None,
         on_save: SaveListener | None = None,
     ) -> None:
-        self.encoder = ExCPEncoder(settings)
+        self._settings = settings or ExCPSettings()
+        self._encoders: dict[str, ExCPEncoder] = {}  # one chain per folder (e.g. two ModelCheckpoints)
+        self._last_dir: str | None = None
         self._names = names
         self._on_save = on_save
         self._fallback = TorchCheckpointIO()
@@ -51,7 +53,18 @@ class ExCPCheckpointIO(CheckpointIO):
     @property
     def settings(self) -> ExCPSettings:
         """The codec settings."""
-        return self.encoder.settings
+        return self._settings
+
+    @property
+    def encoder(self) -> ExCPEncoder:
+        """The chain encoder of the folder written last (a fresh one before any save)."""
+        return self._encoder_for(self._last_dir or ".")
+
+    def _encoder_for(self, directory: str) -> ExCPEncoder:
+        key = os.path.realpath(directory)
+        if key not in self._encoders:
+            self._encoders[key] = ExCPEncoder(self._settings)
+        return self._encoders[key]
 
     @override
     def save_checkpoint(
@@ -61,7 +74,9 @@ class ExCPCheckpointIO(CheckpointIO):
             raise TypeError("ExCPCheckpointIO does not take storage_options; drop them from save_checkpoint")
         path = Path(path)
         param_names, opt_names = self._names() if self._names is not None else (None, None)
-        encoded = self.encoder.encode(
+        self._last_dir = str(path.parent)
+        encoder = self._encoder_for(self._last_dir)
+        encoded = encoder.encode(
             checkpoint,
             target=path,
             param_names=param_names,
@@ -71,7 +86,7 @@ class ExCPCheckpointIO(CheckpointIO):
         if path.exists() or path.is_symlink():
             retire(path)  # an overwritten file (e.g. last.ckpt) may be a later delta's reference
         atomic_write_bytes(path, encoded.data)
-        self.encoder.commit(encoded, path)
+        encoder.commit(encoded, path)
         self._collect(path.parent)
         if self._on_save is not None:
             self._on_save(path, encoded.stats)
@@ -85,7 +100,8 @@ class ExCPCheckpointIO(CheckpointIO):
         if not is_excp_file(path):
             return self._fallback.load_checkpoint(path, weights_only=weights_only)
         # a chain never continues across a resume: the next save starts with a keyframe
-        self.encoder.reset()
+        for encoder in self._encoders.values():
+            encoder.reset()
         return load_checkpoint(path, weights_only=weights_only)
 
     @override
@@ -95,7 +111,7 @@ class ExCPCheckpointIO(CheckpointIO):
         self._collect(path.parent)
 
     def _collect(self, directory: Path) -> None:
-        head = self.encoder.head
+        head = self._encoder_for(str(directory)).head
         deleted = collect_garbage(directory, keep_ids=[head["file_id"]] if head else [])
         if deleted:
             log.debug("ExCP: deleted %d checkpoint(s) no chain needs any more", len(deleted))

@@ -220,3 +220,36 @@ def test_one_chain_per_folder(tmp_path):
     kinds = [read_header(tmp_path / d / f"s{s}.ckpt")["kind"] for d in ("a", "b") for s in range(3)]
     assert kinds == ["keyframe", "delta", "delta"] * 2
     assert io.load_checkpoint(tmp_path / "b" / "s2.ckpt")["global_step"] == 2
+
+
+def test_wandb_artifact_holds_the_chain(tmp_path):
+    """upload_artifacts: one W&B artifact with every live ExCP file and the chain files they need."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logged = []
+
+    class FakeRun:
+        id = "run123"
+
+        def log_artifact(self, art):
+            logged.append(art)
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    logger._experiment = FakeRun()
+    excp = ExCP(upload_artifacts=True, print_summary=False)
+    io = ExCPCheckpointIO(on_save=excp._on_save)
+    excp._io = io
+    for step in range(3):
+        io.save_checkpoint(
+            {"global_step": step, "state_dict": {"w": torch.full((8, 8), float(step))}},
+            tmp_path / "c" / f"s{step}.ckpt",
+        )
+    io.remove_checkpoint(tmp_path / "c" / "s1.ckpt")  # still needed by s2: kept in .excp_refs
+    trainer = SimpleNamespace(loggers=[logger], global_step=2, is_global_zero=True)
+    excp._trainer = trainer
+    excp.on_fit_end(trainer, None)
+    assert len(logged) == 1
+    art = logged[0]
+    names = set(art.manifest.entries)
+    assert {"s0.ckpt", "s2.ckpt"} <= names and any(n.startswith(REFS_DIR + "/") for n in names)
+    assert art.metadata["checkpoints"] == 3

@@ -148,3 +148,23 @@ def test_overwrite_of_a_reference_is_survived_by_retiring_first(tmp_path):
     enc.commit(e, last)
     assert load_checkpoint(p1)["global_step"] == 1
     assert load_checkpoint(last)["global_step"] == 2
+
+
+def test_same_step_saved_twice_reuses_the_coded_tensors(tmp_path):
+    """ModelCheckpoint writes a top-k file and last.ckpt at the same step: the second is its twin."""
+    enc = ExCPEncoder()
+    paths = []
+    for name, step in (("a", 0), ("b", 1), ("last", 1), ("c", 2)):
+        p = tmp_path / f"{name}.ckpt"
+        e = enc.encode(_ckpt(step), target=p, optimizer_param_names=[["w", "b"]])
+        atomic_write_bytes(p, e.data)
+        enc.commit(e, p)
+        paths.append(p)
+    hb, hl, hc = (read_header(p) for p in paths[1:])
+    assert hl["ref"] == hb["ref"] and hl["chain_index"] == hb["chain_index"] == 1
+    assert hc["ref"]["name"] == "last.ckpt" and hc["chain_index"] == 2
+    b, last = load_checkpoint(paths[1]), load_checkpoint(paths[2])
+    assert torch.equal(b["state_dict"]["w"], last["state_dict"]["w"])
+    sb, sl = b["optimizer_states"][0]["state"][0], last["optimizer_states"][0]["state"][0]
+    assert torch.equal(sb["exp_avg"], sl["exp_avg"]) and torch.equal(sb["exp_avg_sq"], sl["exp_avg_sq"])
+    assert load_checkpoint(paths[3])["global_step"] == 2

@@ -25,6 +25,7 @@ import copy
 import io
 import os
 import time
+import zlib
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -281,6 +282,19 @@ def _get(obj: Any, path: Sequence[str | int]) -> Any:
     return obj
 
 
+def _fingerprint(ckpt: dict[str, Any], split: _Split) -> tuple | None:
+    """(step, crc32 of every weight): equal fingerprints mean the same training state was saved twice."""
+    step = ckpt.get("global_step")
+    if not isinstance(step, int):
+        return None
+    crcs = []
+    for e in split.entries:
+        t = e.w.detach().cpu().contiguous()
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else 0
+        crcs.append((e.name, crc, e.m_path, e.v_path))
+    return (step, ckpt.get("epoch"), tuple(crcs))
+
+
 def _raw_bytes(ckpt: Any) -> int:
     return sum(t.numel() * t.element_size() for _, t in _walk_tensors(ckpt))
 
@@ -300,6 +314,7 @@ class Encoded:
     header: dict[str, Any]
     stats: dict[str, float]
     recon: dict[str, torch.Tensor] = field(repr=False)
+    twin: dict[str, Any] | None = field(default=None, repr=False)
 
 
 class ExCPEncoder:
@@ -318,6 +333,7 @@ class ExCPEncoder:
         self._ref: dict[str, torch.Tensor] | None = None
         self._head: dict[str, Any] | None = None
         self._chain_index = -1
+        self._twin: dict[str, Any] | None = None
 
     @property
     def head(self) -> dict[str, Any] | None:
@@ -367,6 +383,89 @@ class ExCPEncoder:
             or not _reference_available(target, self._head)
         )
         split = _split(ckpt, param_names, optimizer_param_names)
+        fingerprint = _fingerprint(ckpt, split)
+        twin = self._twin
+        if (
+            twin is not None
+            and fingerprint is not None
+            and fingerprint == twin["fingerprint"]
+            and self._head is not None
+            and Path(self._head["dir"]).resolve() == target.parent.resolve()
+            and (twin["ref"] is None or _reference_available(target, twin["ref"]))
+        ):
+            # Same step, same weights as the file just written (ModelCheckpoint's top-k file followed by
+            # last.ckpt): reuse its coded tensors against its own reference instead of coding the
+            # quantization error again. Both files then rebuild exactly the same W, m and v.
+            keyframe = twin["kind"] == "keyframe"
+            records = list(twin["records"])
+            entries_h = copy.deepcopy(twin["entries"])
+            stats = dict(twin["stats"])
+            chain_index, ref_h = twin["chain_index"], twin["ref"]
+            recon = self._ref or {}
+        else:
+            records, entries_h, stats, recon = self._code_params(split, keyframe)
+            chain_index = 0 if keyframe else self._chain_index + 1
+            ref_h = None
+            if not keyframe:
+                assert self._head is not None
+                ref_h = {k: self._head[k] for k in ("file_id", "sha256", "name")}
+        twin_payload = {
+            "fingerprint": fingerprint,
+            "records": list(records),
+            "entries": copy.deepcopy(entries_h),
+            "stats": dict(stats),
+            "kind": "keyframe" if keyframe else "delta",
+            "chain_index": chain_index,
+            "ref": ref_h,
+        }
+        extras_h = []
+        for p, t in split.extras:
+            extras_h.append(
+                {"path": list(p), "dtype": dtype_name(t.dtype), "shape": list(t.shape), "rec": len(records)}
+            )
+            records.append((f"x:{'/'.join(map(str, p))}", encode_lossless(t, level=s.zstd_level)))
+        buf = io.BytesIO()
+        torch.save(split.skeleton, buf)
+        skeleton_rec = len(records)
+        records.append(("skeleton", zstandard.ZstdCompressor(level=s.zstd_level).compress(buf.getvalue())))
+
+        header = {
+            "kind": "keyframe" if keyframe else "delta",
+            "chain_index": chain_index,
+            "ref": ref_h,
+            "settings": s.to_dict(),
+            "entries": entries_h,
+            "aliases": [{"path": list(p), "of": n} for p, n in split.aliases],
+            "extras": extras_h,
+            "skeleton": skeleton_rec,
+            "meta": meta or {},
+        }
+        raw_wmv = 4 * (stats["numel"] + stats["numel_m"] + stats["numel_v"])
+        data_probe_stats = {
+            "keyframe": float(keyframe),
+            "chain_index": float(chain_index),
+            "raw_wmv_bytes": float(raw_wmv),
+            "raw_tensor_bytes": float(_raw_bytes(ckpt)),
+            "params": float(stats["numel"]),
+            "bits_per_param_w": 8 * stats["bytes_w"] / max(stats["numel"], 1),
+            "bits_per_param_m": 8 * stats["bytes_m"] / max(stats["numel_m"], 1),
+            "bits_per_param_v": 8 * stats["bytes_v"] / max(stats["numel_v"], 1),
+            "sparsity_w": 1 - stats["kept_w"] / max(stats["numel"], 1),
+            "sparsity_m": 1 - stats["kept_m"] / max(stats["numel_m"], 1),
+        }
+        header["stats"] = data_probe_stats
+        data, file_id, sha = build_file(header, records)
+        stats_out = dict(data_probe_stats)
+        stats_out["file_bytes"] = float(len(data))
+        stats_out["ratio"] = raw_wmv / len(data) if raw_wmv else 0.0
+        stats_out["ratio_vs_raw_tensors"] = stats_out["raw_tensor_bytes"] / len(data)
+        stats_out["encode_s"] = time.perf_counter() - t0
+        return Encoded(data, file_id, sha, header, stats_out, recon, twin_payload)
+
+    def _code_params(
+        self, split: _Split, keyframe: bool
+    ) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]], dict[str, int], dict[str, torch.Tensor]]:
+        s = self.settings
         records: list[tuple[str, bytes]] = []
 
         def code(i: int, e: _Entry) -> ParamCode:
@@ -411,55 +510,8 @@ class ExCPEncoder:
             if e.m is not None:
                 stats["kept_m"] += c.kept_m
             entries_h.append(h)
-        extras_h = []
-        for p, t in split.extras:
-            extras_h.append(
-                {"path": list(p), "dtype": dtype_name(t.dtype), "shape": list(t.shape), "rec": len(records)}
-            )
-            records.append((f"x:{'/'.join(map(str, p))}", encode_lossless(t, level=s.zstd_level)))
-        buf = io.BytesIO()
-        torch.save(split.skeleton, buf)
-        skeleton_rec = len(records)
-        records.append(("skeleton", zstandard.ZstdCompressor(level=s.zstd_level).compress(buf.getvalue())))
-
-        chain_index = 0 if keyframe else self._chain_index + 1
-        ref_h = None
-        if not keyframe:
-            assert self._head is not None
-            ref_h = {k: self._head[k] for k in ("file_id", "sha256", "name")}
-        header = {
-            "kind": "keyframe" if keyframe else "delta",
-            "chain_index": chain_index,
-            "ref": ref_h,
-            "settings": s.to_dict(),
-            "entries": entries_h,
-            "aliases": [{"path": list(p), "of": n} for p, n in split.aliases],
-            "extras": extras_h,
-            "skeleton": skeleton_rec,
-            "meta": meta or {},
-        }
-        raw_wmv = 4 * (stats["numel"] + stats["numel_m"] + stats["numel_v"])
-        data_probe_stats = {
-            "keyframe": float(keyframe),
-            "chain_index": float(chain_index),
-            "raw_wmv_bytes": float(raw_wmv),
-            "raw_tensor_bytes": float(_raw_bytes(ckpt)),
-            "params": float(stats["numel"]),
-            "bits_per_param_w": 8 * stats["bytes_w"] / max(stats["numel"], 1),
-            "bits_per_param_m": 8 * stats["bytes_m"] / max(stats["numel_m"], 1),
-            "bits_per_param_v": 8 * stats["bytes_v"] / max(stats["numel_v"], 1),
-            "sparsity_w": 1 - stats["kept_w"] / max(stats["numel"], 1),
-            "sparsity_m": 1 - stats["kept_m"] / max(stats["numel_m"], 1),
-        }
-        header["stats"] = data_probe_stats
-        data, file_id, sha = build_file(header, records)
-        stats_out = dict(data_probe_stats)
-        stats_out["file_bytes"] = float(len(data))
-        stats_out["ratio"] = raw_wmv / len(data) if raw_wmv else 0.0
-        stats_out["ratio_vs_raw_tensors"] = stats_out["raw_tensor_bytes"] / len(data)
-        stats_out["encode_s"] = time.perf_counter() - t0
         recon = {e.name: c.recon_w for e, c in zip(split.entries, codes, strict=True)}
-        return Encoded(data, file_id, sha, header, stats_out, recon)
+        return records, entries_h, stats, recon
 
     def commit(self, encoded: Encoded, path: str | os.PathLike) -> None:
         """Record that ``encoded`` now lives at ``path``: it becomes the next delta's reference."""
@@ -472,6 +524,7 @@ class ExCPEncoder:
             "dir": str(path.parent),
         }
         self._chain_index = encoded.header["chain_index"]
+        self._twin = encoded.twin
 
 
 # ----------------------------------------------------------------------------------------------

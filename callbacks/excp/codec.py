@@ -227,29 +227,27 @@ def encode_param_delta(
         else:
             wmask = torch.zeros(0, dtype=torch.bool)
         cb, codes = _quantize(dw[wmask], s.bits_w, s, generator, log_domain=False)
-        idx = np.zeros(n, dtype=np.uint8)
-        idx[wmask.numpy()] = codes
-        w_blob = _stream_blob(cb, idx, s.zstd_level)
-        recon = (base + _with_zero(cb).to(cd)[torch.from_numpy(idx).long()]).to(w.dtype).reshape(w.shape)
+        idx = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(codes))
+        w_blob = _stream_blob(cb, idx.numpy(), s.zstd_level)
+        # the decoder's exact expression, so both sides hold the same bits (closed loop)
+        recon = (base + _with_zero(cb).to(cd)[idx.int()]).to(w.dtype).reshape(w.shape)
         w_mode = "delta" if s.residual else "absolute"
     kept_w = int(wmask.sum())
     m_blob = v_blob = None
     kept_m = 0
     if m is not None:
-        wpos = wmask.nonzero().reshape(-1)
-        mw = m[wpos].float()
+        mw = m[wmask].float()
         if s.momentum_criterion:
             thr = s.beta * float(m.abs().mean(dtype=torch.float64)) if n else 0.0
             mkeep = mw.abs() > thr
         else:
             mkeep = torch.ones(mw.numel(), dtype=torch.bool)
         cb_m, codes_m = _quantize(mw[mkeep], s.bits_m, s, generator, log_domain=False)
-        idx_m = np.zeros(mw.numel(), dtype=np.uint8)
-        idx_m[mkeep.numpy()] = codes_m
-        m_blob = _stream_blob(cb_m, idx_m, s.zstd_level)
+        idx_m = torch.zeros(mw.numel(), dtype=torch.uint8).masked_scatter_(mkeep, torch.from_numpy(codes_m))
+        m_blob = _stream_blob(cb_m, idx_m.numpy(), s.zstd_level)
         kept_m = int(mkeep.sum())
         if v is not None:
-            vv = v[wpos[mkeep]].float()
+            vv = v[wmask][mkeep].float()
             cb_v, codes_v = _quantize(vv, s.bits_v, s, generator, log_domain=s.v_log_domain)
             v_blob = _stream_blob(cb_v, codes_v, s.zstd_level)
     elif v is not None:
@@ -292,32 +290,29 @@ def decode_param(
         cb, idx = _read_stream(w_blob)
         if idx.size != n:
             raise ValueError(f"weight stream holds {idx.size} codes for a tensor of {n} elements")
-        idx_t = torch.from_numpy(idx).long()
-        base = ref.reshape(-1).to(cd) if ref.numel() == n else None
-        if base is None:
+        codes = torch.from_numpy(idx)
+        if ref.numel() != n:
             raise ValueError(f"reference has {ref.numel()} elements, expected {n}")
-        w = (base + _with_zero(cb).to(cd)[idx_t]).to(dtype).reshape(shape)
-        wmask = idx_t != 0
+        w = (ref.reshape(-1).to(cd) + _with_zero(cb).to(cd)[codes.int()]).to(dtype).reshape(shape)
+        wmask = codes != 0
     if weights_only or m_blob is None:
         return w, None, None
     if kind == "keyframe":
         m = decode_lossless(m_blob, m_dtype, shape)
         v = None if v_blob is None else decode_lossless(v_blob, v_dtype, shape)
         return w, m, v
-    wpos = wmask.nonzero().reshape(-1)
+    # nested masks without index lists: scatter m's codes into the weight mask, v's into m's
     cb_m, idx_m = _read_stream(m_blob)
-    if idx_m.size != wpos.numel():
+    if idx_m.size != int(wmask.sum()):
         raise ValueError("momentum stream does not match the weight mask")
-    idx_m_t = torch.from_numpy(idx_m).long()
-    m = torch.zeros(n, dtype=torch.float32)
-    m[wpos] = _with_zero(cb_m)[idx_m_t]
+    m_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(idx_m))
+    m = _with_zero(cb_m)[m_codes.int()]
     v = None
     if v_blob is not None:
-        mpos = wpos[idx_m_t != 0]
+        mmask = m_codes != 0
         cb_v, idx_v = _read_stream(v_blob)
-        if idx_v.size != mpos.numel():
+        if idx_v.size != int(mmask.sum()):
             raise ValueError("second-moment stream does not match the momentum mask")
-        v = torch.zeros(n, dtype=torch.float32)
-        v[mpos] = _with_zero(cb_v)[torch.from_numpy(idx_v).long()]
-        v = v.to(v_dtype).reshape(shape)
+        v_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(mmask, torch.from_numpy(idx_v))
+        v = _with_zero(cb_v)[v_codes.int()].to(v_dtype).reshape(shape)
     return w, m.to(m_dtype).reshape(shape), v

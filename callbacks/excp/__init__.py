@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from callbacks.excp.chain import ExCPEncoder, chain_paths, load_checkpoint
+from callbacks.excp.chain import ExCPEncoder, chain_paths, decode_sequence, load_checkpoint
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import ExCPFormatError, is_excp_file
 
@@ -19,6 +19,7 @@ __all__ = [
     "ExCPFormatError",
     "ExCPSettings",
     "chain_paths",
+    "decode_sequence",
     "is_excp_file",
     "load_checkpoint",
 ]

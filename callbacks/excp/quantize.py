@@ -56,34 +56,37 @@ def kmeans_1d(
     Returns:
         Sorted, unique fp32 centroids (fewer than ``k`` when there are fewer distinct values).
     """
-    x = values.detach().reshape(-1).to(torch.float64)
-    if log_domain:
-        x = torch.log(x.clamp_min(torch.finfo(torch.float32).tiny))
+    x = values.detach().reshape(-1)
     n = x.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.float32)
     if n > sample:
         x = x[torch.randint(0, n, (sample,), generator=generator)]
-    s = torch.sort(x).values
-    uniq = torch.unique_consecutive(s)
-    if uniq.numel() <= k:
+    x = x.to(torch.float64)
+    if log_domain:
+        x = torch.log(x.clamp_min(torch.finfo(torch.float32).tiny))
+    # Lloyd on the sorted sample, in numpy: per-op overhead matters for the many small tensors
+    s = np.sort(x.numpy())
+    uniq = np.unique(s)
+    if uniq.size <= k:
         c = uniq
     else:
-        m = s.numel()
-        prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s, 0)])
-        q = ((torch.arange(k, dtype=torch.float64) + 0.5) / k * m).long().clamp_max(m - 1)
-        c = torch.unique(s[q])
+        m = s.size
+        prefix = np.concatenate([[0.0], np.cumsum(s)])
+        q = np.minimum(((np.arange(k) + 0.5) / k * m).astype(np.int64), m - 1)
+        c = np.unique(s[q])
         for _ in range(iters):
-            bounds = torch.searchsorted(s, (c[1:] + c[:-1]) / 2, right=True)
-            lo = torch.cat([torch.zeros(1, dtype=torch.long), bounds])
-            hi = torch.cat([bounds, torch.tensor([m])])
+            bounds = np.searchsorted(s, (c[1:] + c[:-1]) / 2, side="right")
+            lo = np.concatenate([[0], bounds])
+            hi = np.concatenate([bounds, [m]])
             cnt = hi - lo
             keep = cnt > 0
             new_c = (prefix[hi[keep]] - prefix[lo[keep]]) / cnt[keep]
-            if new_c.numel() == c.numel() and torch.allclose(new_c, c, rtol=1e-7, atol=0.0):
+            if new_c.size == c.size and np.allclose(new_c, c, rtol=1e-6, atol=0.0):
                 c = new_c
                 break
-            c = torch.unique(new_c)
+            c = np.unique(new_c)
+    c = torch.from_numpy(np.ascontiguousarray(c))
     if log_domain:
         c = torch.exp(c)
     return torch.unique(c.to(torch.float32))

@@ -61,7 +61,7 @@ class ExCP(Callback):
         momentum_criterion: False prunes m with the weight mask only (ablation).
         residual: False codes weights instead of residuals (ablation; destroys the model).
         kmeans_sample: fit each codebook on at most this many values.
-        zstd_level: zstd level of every stream.
+        zstd_level: zstd level of the quantized index streams (keyframes use level 1 per byte plane).
         threads: tensors encoded in parallel.
         seed: seed of the k-means sampling.
         log_stats: log ``excp/ratio``, ``excp/bits_per_param_{w,m,v}``, ``excp/sparsity_{w,m}``,

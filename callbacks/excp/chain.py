@@ -423,7 +423,7 @@ class ExCPEncoder:
             extras_h.append(
                 {"path": list(p), "dtype": dtype_name(t.dtype), "shape": list(t.shape), "rec": len(records)}
             )
-            records.append((f"x:{'/'.join(map(str, p))}", encode_lossless(t, level=s.zstd_level)))
+            records.append((f"x:{'/'.join(map(str, p))}", encode_lossless(t, level=s.lossless_level)))
         buf = io.BytesIO()
         torch.save(split.skeleton, buf)
         skeleton_rec = len(records)

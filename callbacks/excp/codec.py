@@ -58,7 +58,9 @@ class ExCPSettings:
         v_log_domain: cluster v in the log domain (v spans decades; linear k-means crushes small v).
         kmeans_sample: fit each codebook on at most this many values.
         kmeans_iters: maximum Lloyd iterations.
-        zstd_level: zstd level for every stream.
+        zstd_level: zstd level of the quantized index streams.
+        lossless_level: zstd level of lossless (keyframe) byte planes; 1 is measured smaller and faster
+            than higher levels on float byte planes.
         threads: tensors encoded in parallel (torch and zstd release the GIL).
         seed: seed of the k-means sampling, so encodes are reproducible.
     """
@@ -78,6 +80,7 @@ class ExCPSettings:
     kmeans_sample: int = 65536
     kmeans_iters: int = 25
     zstd_level: int = 3
+    lossless_level: int = 1
     threads: int = 1
     seed: int = 0
 
@@ -177,9 +180,9 @@ def encode_param_keyframe(
     """Store a parameter and its moments losslessly (keyframes, and parameters new to a chain)."""
     w = w.detach().cpu().contiguous()
     return ParamCode(
-        w=encode_lossless(w, level=s.zstd_level),
-        m=None if m is None else encode_lossless(m.detach().cpu(), level=s.zstd_level),
-        v=None if v is None else encode_lossless(v.detach().cpu(), level=s.zstd_level),
+        w=encode_lossless(w, level=s.lossless_level),
+        m=None if m is None else encode_lossless(m.detach().cpu(), level=s.lossless_level),
+        v=None if v is None else encode_lossless(v.detach().cpu(), level=s.lossless_level),
         w_mode="lossless",
         recon_w=w.clone(),
         numel=w.numel(),
@@ -213,7 +216,7 @@ def encode_param_delta(
     m = None if m is None else m.detach().cpu().contiguous().reshape(-1)
     v = None if v is None else v.detach().cpu().contiguous().reshape(-1)
     if ref is None:
-        w_blob = encode_lossless(w, level=s.zstd_level)
+        w_blob = encode_lossless(w, level=s.lossless_level)
         recon = w.clone()
         wmask = torch.ones(n, dtype=torch.bool)
         w_mode = "lossless"

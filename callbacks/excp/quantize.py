@@ -247,16 +247,22 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown tensor dtype {name!r} in file header") from None
 
 
-def encode_lossless(t: torch.Tensor, *, level: int = 3) -> bytes:
-    """Store a tensor's exact bytes, byte-grouped by significance, then zstd (see module doc)."""
+def encode_lossless(t: torch.Tensor, *, level: int = 1) -> bytes:
+    """Store a tensor's exact bytes: one zstd frame per byte plane (byte-grouped, as ZipNN does).
+
+    Measured on fp32 weights: zstd level 1 per plane is both smaller (exponent planes compress, the
+    noisy mantissa planes are passed through quickly) and about as fast as plain zstd -3 of the bytes.
+    """
     t = t.detach().cpu().contiguous()
     if t.numel() == 0:
         return b""
     raw = t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy().view(np.uint8)
     width = t.element_size()
-    if width > 1:
-        raw = raw.reshape(-1, width).T.copy()
-    return zstandard.ZstdCompressor(level=level).compress(raw.tobytes())
+    cctx = zstandard.ZstdCompressor(level=level)
+    planes = raw.reshape(-1, width).T if width > 1 else raw.reshape(1, -1)
+    frames = [cctx.compress(np.ascontiguousarray(plane).tobytes()) for plane in planes]
+    head = struct.pack(f"<B{len(frames)}Q", len(frames), *map(len, frames))
+    return head + b"".join(frames)
 
 
 def decode_lossless(blob: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -265,15 +271,21 @@ def decode_lossless(blob: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> 
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     width = torch.empty(0, dtype=dtype).element_size()
-    raw = np.frombuffer(
-        zstandard.ZstdDecompressor().decompress(blob, max_output_size=numel * width), dtype=np.uint8
-    )
-    if raw.size != numel * width:
-        raise ValueError(f"lossless record holds {raw.size} bytes, expected {numel * width}")
-    if width > 1:
-        raw = raw.reshape(width, numel).T
-    raw = np.ascontiguousarray(raw).reshape(-1)
-    out = torch.from_numpy(raw.copy())
+    (count,) = struct.unpack_from("<B", blob, 0)
+    if count != width:
+        raise ValueError(f"lossless record holds {count} byte planes, expected {width} for {dtype}")
+    lengths = struct.unpack_from(f"<{count}Q", blob, 1)
+    out = np.empty((width, numel), dtype=np.uint8)
+    dctx = zstandard.ZstdDecompressor()
+    off = 1 + 8 * count
+    for i, length in enumerate(lengths):
+        plane = dctx.decompress(blob[off : off + length], max_output_size=numel)
+        if len(plane) != numel:
+            raise ValueError(f"lossless byte plane {i} holds {len(plane)} bytes, expected {numel}")
+        out[i] = np.frombuffer(plane, dtype=np.uint8)
+        off += length
+    raw = np.ascontiguousarray(out.T).reshape(-1)
+    tensor = torch.from_numpy(raw)
     if dtype == torch.bool:
-        return out.view(torch.bool).reshape(shape)
-    return out.view(dtype).reshape(shape)
+        return tensor.view(torch.bool).reshape(shape)
+    return tensor.view(dtype).reshape(shape)

@@ -22,7 +22,11 @@ def _excp(cli) -> ExCP:
 
 @pytest.mark.parametrize(
     "config",
-    ["configs/excp/tiny_from_scratch.yaml", "configs/excp/smollm2_continued_pretraining.yaml", "configs/quickstart.yaml"],
+    [
+        "configs/excp/tiny_from_scratch.yaml",
+        "configs/excp/smollm2_continued_pretraining.yaml",
+        "configs/quickstart.yaml",
+    ],
 )
 def test_excp_configs_instantiate(config):
     cli = parse_config(config, overrides=TINY_MODEL)
@@ -38,10 +42,16 @@ def test_tiny_config_runs_and_reports_the_ratio(tmp_path, capsys):
     import train
 
     cfg = yaml.safe_load((REPO_ROOT / "configs/excp/tiny_from_scratch.yaml").read_text())
-    cfg["model"]["init_args"]["model_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    cfg["model"]["init_args"]["model_config"].update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1
+    )
     cfg["data"]["init_args"].update(max_tokens=20000, block_size=32)
     cfg["trainer"].update(
-        max_steps=4, val_check_interval=2, limit_val_batches=1, enable_progress_bar=False, default_root_dir=str(tmp_path)
+        max_steps=4,
+        val_check_interval=2,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
     )
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
     ckpt_cb = cfg["trainer"]["callbacks"][1]["init_args"]

@@ -110,6 +110,7 @@ def test_top_k_deletion_keeps_chains_readable(tiny_model_config, cpu_trainer_kwa
     t.fit(_module(tiny_model_config), datamodule=_data())
     live = sorted(p for p in ckdir.iterdir() if p.is_file())
     assert len(live) == 3  # two best + last
+    assert any(h["twin"] for h in excp.history)  # last.ckpt after a top-k save at the same step
     refs = list((ckdir / REFS_DIR).iterdir())
     assert refs, "top-k deleted files that later deltas depend on; they must be kept"
     needed = {p.resolve() for f in live for p in chain_paths(f)}

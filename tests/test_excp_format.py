@@ -7,7 +7,15 @@ import shutil
 import pytest
 import torch
 
-from callbacks.excp.chain import REFS_DIR, ExCPEncoder, chain_paths, collect_garbage, load_checkpoint, retire
+from callbacks.excp.chain import (
+    REFS_DIR,
+    ExCPEncoder,
+    chain_paths,
+    collect_garbage,
+    decode_sequence,
+    load_checkpoint,
+    retire,
+)
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, atomic_write_bytes, read_header
 
@@ -150,21 +158,29 @@ def test_overwrite_of_a_reference_is_survived_by_retiring_first(tmp_path):
     assert load_checkpoint(last)["global_step"] == 2
 
 
-def test_same_step_saved_twice_reuses_the_coded_tensors(tmp_path):
-    """ModelCheckpoint writes a top-k file and last.ckpt at the same step: the second is its twin."""
+def test_same_step_saved_twice_is_a_tiny_twin(tmp_path):
+    """ModelCheckpoint writes a top-k file and last.ckpt at the same step: the second is a twin that
+    stores no tensors, for a keyframe and for a delta alike."""
     enc = ExCPEncoder()
     paths = []
-    for name, step in (("a", 0), ("b", 1), ("last", 1), ("c", 2)):
+    for name, step in (("a", 0), ("last0", 0), ("b", 1), ("last", 1), ("c", 2)):
         p = tmp_path / f"{name}.ckpt"
         e = enc.encode(_ckpt(step), target=p, optimizer_param_names=[["w", "b"]])
         atomic_write_bytes(p, e.data)
         enc.commit(e, p)
         paths.append(p)
-    hb, hl, hc = (read_header(p) for p in paths[1:])
-    assert hl["ref"] == hb["ref"] and hl["chain_index"] == hb["chain_index"] == 1
+    ha, ht0, hb, ht, hc = (read_header(p) for p in paths)
+    assert ht0["kind"] == ht["kind"] == "twin"
+    assert ht0["ref"]["file_id"] == ha["file_id"] and ht["ref"]["file_id"] == hb["file_id"]
+    assert hb["ref"]["name"] == "last0.ckpt" and hb["chain_index"] == ht["chain_index"] == 1
     assert hc["ref"]["name"] == "last.ckpt" and hc["chain_index"] == 2
-    b, last = load_checkpoint(paths[1]), load_checkpoint(paths[2])
-    assert torch.equal(b["state_dict"]["w"], last["state_dict"]["w"])
-    sb, sl = b["optimizer_states"][0]["state"][0], last["optimizer_states"][0]["state"][0]
-    assert torch.equal(sb["exp_avg"], sl["exp_avg"]) and torch.equal(sb["exp_avg_sq"], sl["exp_avg_sq"])
-    assert load_checkpoint(paths[3])["global_step"] == 2
+    assert paths[1].stat().st_size < paths[0].stat().st_size / 5
+    for orig, twin in ((paths[0], paths[1]), (paths[2], paths[3])):
+        x, y = load_checkpoint(orig), load_checkpoint(twin)
+        assert torch.equal(x["state_dict"]["w"], y["state_dict"]["w"])
+        sx, sy = x["optimizer_states"][0]["state"][0], y["optimizer_states"][0]["state"][0]
+        assert torch.equal(sx["exp_avg"], sy["exp_avg"]) and torch.equal(sx["exp_avg_sq"], sy["exp_avg_sq"])
+        assert x["global_step"] == y["global_step"]
+    assert load_checkpoint(paths[4])["global_step"] == 2
+    seq = [ck["global_step"] for _, ck in decode_sequence(paths)]
+    assert seq == [0, 0, 1, 1, 2]

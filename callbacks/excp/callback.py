@@ -34,6 +34,7 @@ _LOGGED = (
     "sparsity_m",
     "encode_s",
     "keyframe",
+    "twin",
 )
 
 
@@ -169,11 +170,12 @@ class ExCP(Callback):
 
     def summary(self) -> dict[str, Any]:
         """Aggregate of this process's saves: counts, sizes and the median delta ratio."""
-        deltas = [h for h in self.history if not h["keyframe"]]
+        deltas = [h for h in self.history if not h["keyframe"] and not h.get("twin")]
         return {
             "checkpoints": len(self.history),
-            "keyframes": len(self.history) - len(deltas),
+            "keyframes": sum(1 for h in self.history if h["keyframe"]),
             "deltas": len(deltas),
+            "twins": sum(1 for h in self.history if h.get("twin")),
             "compressed_bytes": sum(h["file_bytes"] for h in self.history),
             "raw_wmv_bytes": sum(h["raw_wmv_bytes"] for h in self.history),
             "delta_ratio_median": statistics.median(h["ratio"] for h in deltas) if deltas else None,
@@ -227,7 +229,8 @@ def _summary_line(s: dict[str, Any]) -> str:
     mb = s["compressed_bytes"] / 2**20
     raw = s["raw_wmv_bytes"] / 2**20
     line = (
-        f"ExCP: {s['checkpoints']} checkpoint(s) ({s['keyframes']} keyframe, {s['deltas']} delta) in {dirs}: "
+        f"ExCP: {s['checkpoints']} checkpoint(s) ({s['keyframes']} keyframe, {s['deltas']} delta, "
+        f"{s['twins']} same-step twin) in {dirs}: "
     )
     line += f"{mb:.2f} MB vs {raw:.2f} MB raw fp32 W+m+v ({s['overall_ratio']:.1f}x overall"
     if s["delta_ratio_median"] is not None:

@@ -391,33 +391,27 @@ class ExCPEncoder:
             and fingerprint == twin["fingerprint"]
             and self._head is not None
             and Path(self._head["dir"]).resolve() == target.parent.resolve()
-            and (twin["ref"] is None or _reference_available(target, twin["ref"]))
+            and _reference_available(target, self._head)
         ):
             # Same step, same weights as the file just written (ModelCheckpoint's top-k file followed by
-            # last.ckpt): reuse its coded tensors against its own reference instead of coding the
-            # quantization error again. Both files then rebuild exactly the same W, m and v.
-            keyframe = twin["kind"] == "keyframe"
-            records = list(twin["records"])
+            # last.ckpt): a "twin" stores no tensors, only a reference to that file plus this save's own
+            # metadata; readers take W, m and v from the referenced file.
+            kind = "twin"
+            records = []
             entries_h = copy.deepcopy(twin["entries"])
             stats = dict(twin["stats"])
-            chain_index, ref_h = twin["chain_index"], twin["ref"]
+            chain_index = self._chain_index
+            ref_h = {k: self._head[k] for k in ("file_id", "sha256", "name")}
             recon = self._ref or {}
         else:
             records, entries_h, stats, recon = self._code_params(split, keyframe)
+            kind = "keyframe" if keyframe else "delta"
             chain_index = 0 if keyframe else self._chain_index + 1
             ref_h = None
             if not keyframe:
                 assert self._head is not None
                 ref_h = {k: self._head[k] for k in ("file_id", "sha256", "name")}
-        twin_payload = {
-            "fingerprint": fingerprint,
-            "records": list(records),
-            "entries": copy.deepcopy(entries_h),
-            "stats": dict(stats),
-            "kind": "keyframe" if keyframe else "delta",
-            "chain_index": chain_index,
-            "ref": ref_h,
-        }
+        twin_payload = {"fingerprint": fingerprint, "entries": copy.deepcopy(entries_h), "stats": dict(stats)}
         extras_h = []
         for p, t in split.extras:
             extras_h.append(
@@ -430,7 +424,7 @@ class ExCPEncoder:
         records.append(("skeleton", zstandard.ZstdCompressor(level=s.zstd_level).compress(buf.getvalue())))
 
         header = {
-            "kind": "keyframe" if keyframe else "delta",
+            "kind": kind,
             "chain_index": chain_index,
             "ref": ref_h,
             "settings": s.to_dict(),
@@ -442,7 +436,8 @@ class ExCPEncoder:
         }
         raw_wmv = 4 * (stats["numel"] + stats["numel_m"] + stats["numel_v"])
         data_probe_stats = {
-            "keyframe": float(keyframe),
+            "keyframe": float(kind == "keyframe"),
+            "twin": float(kind == "twin"),
             "chain_index": float(chain_index),
             "raw_wmv_bytes": float(raw_wmv),
             "raw_tensor_bytes": float(_raw_bytes(ckpt)),
@@ -582,7 +577,7 @@ def chain_paths(path: str | os.PathLike) -> list[Path]:
     """Files needed to rebuild ``path``: its keyframe first, ``path`` last (headers only)."""
     out = [Path(path)]
     header = read_header(path)
-    while header.get("kind") == "delta":
+    while header.get("kind") in ("delta", "twin"):
         if len(out) > _MAX_CHAIN:
             raise ExCPFormatError(path, "reference chain does not end in a keyframe (cycle)")
         ref_path = resolve_reference(out[-1], header)
@@ -643,7 +638,7 @@ def collect_garbage(directory: str | os.PathLike, keep_ids: Collection[str] = ()
     while frontier and steps < _MAX_CHAIN:
         steps += 1
         f, h = frontier.pop()
-        if h.get("kind") != "delta" or not h.get("ref"):
+        if h.get("kind") not in ("delta", "twin") or not h.get("ref"):
             continue
         rid = h["ref"]["file_id"]
         if rid in needed and rid not in keep_ids:
@@ -674,6 +669,8 @@ def _decode_file(
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]]:
     h = f.header
     kind = h["kind"]
+    if kind == "twin":  # no tensors of its own: the referenced file's W (m, v are carried by the caller)
+        return dict(ref or {}), {}
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for e in h["entries"]:
@@ -728,8 +725,10 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = False) 
 
 def _load_checkpoint(path: str | os.PathLike, weights_only: bool | None) -> dict[str, Any]:
     paths = chain_paths(path)
+    kinds = [read_header(p).get("kind") for p in paths]
     ref: dict[str, torch.Tensor] | None = None
     prev: ExCPFile | None = None
+    moments: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for i, p in enumerate(paths):
         f = ExCPFile.open(p)
         h = f.header
@@ -744,8 +743,12 @@ def _load_checkpoint(path: str | os.PathLike, weights_only: bool | None) -> dict
                     f"(sha256 {prev.sha256[:12]}..., expected {want['sha256'][:12]}...)",
                     "The reference was modified; use another checkpoint",
                 )
-        last = i == len(paths) - 1
-        weights, moments = _decode_file(f, ref, skip_moments=not last)
+        if h["kind"] == "twin":
+            weights = dict(ref or {})
+        else:
+            # moments are needed from the last file that holds tensors (later files are its twins)
+            need_moments = all(k == "twin" for k in kinds[i + 1 :])
+            weights, moments = _decode_file(f, ref, skip_moments=not need_moments)
         ref = weights
         prev = f
     assert prev is not None and ref is not None
@@ -793,7 +796,11 @@ def decode_sequence(
         p = Path(p)
         f = ExCPFile.open(p)
         h = f.header
-        if h["kind"] == "delta":
+        if h["kind"] == "twin" and (prev is None or prev.header["file_id"] != h["ref"]["file_id"]):
+            yield p, load_checkpoint(p, weights_only)
+            prev, ref = None, None
+            continue
+        if h["kind"] in ("delta", "twin"):
             if prev is None or prev.header["file_id"] != h["ref"]["file_id"]:
                 # not a continuation of what we hold: rebuild its reference from its own chain
                 ref = None
@@ -804,6 +811,9 @@ def decode_sequence(
                 raise ExCPFormatError(
                     p, f"its reference {prev.path} does not match the one it was made against"
                 )
-        weights, moments = _decode_file(f, ref if h["kind"] == "delta" else None, skip_moments=False)
+        if h["kind"] == "twin":
+            weights = dict(ref or {})
+        else:
+            weights, moments = _decode_file(f, ref if h["kind"] == "delta" else None, skip_moments=False)
         yield p, _assemble(f, weights, moments, weights_only)
         ref, prev = weights, f

@@ -150,6 +150,13 @@ def _inspect(args: argparse.Namespace) -> None:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
         return
     for r in rows:
+        if r["kind"] == "twin":
+            print(
+                f"{r['file']}: twin ({r['format']}), {r['bytes'] / 2**20:.3f} MB: the same training state as "
+                f"{Path(r['chain'][-2]).name}, stored without tensors\n"
+                f"  chain: {' -> '.join(Path(c).name for c in r['chain'])}"
+            )
+            continue
         bpp = ", ".join(f"{k} {v:.2f}" for k, v in r["bits_per_param"].items() if v)
         print(
             f"{r['file']}: {r['kind']} #{r['chain_index']} ({r['format']}), {r['bytes'] / 2**20:.3f} MB, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callbacks.excp import ExCP, is_excp_file
+from callbacks.excp import ExCP, is_excp_file, load_checkpoint, read_excp_checkpoints
 from tests.conftest import REPO_ROOT, parse_config
 
 TINY_MODEL = [
@@ -61,4 +61,34 @@ def test_tiny_config_runs_and_reports_the_ratio(tmp_path, capsys):
     train.build_cli(["fit", "--config", str(path)])
     out = capsys.readouterr().out
     assert "ExCP: " in out and "x overall" in out and f"{tmp_path}/ckpts" in out
-    assert is_excp_file(tmp_path / "ckpts" / "last.ckpt")
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert is_excp_file(last)
+
+    # the documented resume, `train.py fit --ckpt_path <compressed checkpoint>`: LightningCLI torch.loads
+    # the path for hyperparameters before building the model, so the CLI reads it under
+    # read_excp_checkpoints (the override below is the one train.py's LumenCLI needs)
+    class CLI(train.LumenCLI):
+        def _parse_ckpt_path(self) -> None:
+            with read_excp_checkpoints():
+                super()._parse_ckpt_path()
+
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    args = ["fit", "--config", str(path), "--ckpt_path", str(last), "--trainer.max_steps=6"]
+    cli = CLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+        args=args,
+    )
+    assert cli.trainer.global_step == 6
+    assert load_checkpoint(last)["global_step"] == 6
+    # and load_from_checkpoint reads ExCP files the same way
+    from lightning_modules.causal_lm import CausalLMModule
+
+    with read_excp_checkpoints():
+        module = CausalLMModule.load_from_checkpoint(last)
+    assert module.hparams.model_config["hidden_size"] == 32

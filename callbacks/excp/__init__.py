@@ -11,6 +11,7 @@ from typing import Any
 from callbacks.excp.chain import ExCPEncoder, chain_paths, decode_sequence, load_checkpoint
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import ExCPFormatError, is_excp_file
+from callbacks.excp.torch_load import read_excp_checkpoints
 
 __all__ = [
     "ExCP",
@@ -22,6 +23,7 @@ __all__ = [
     "decode_sequence",
     "is_excp_file",
     "load_checkpoint",
+    "read_excp_checkpoints",
 ]
 
 

@@ -1,7 +1,7 @@
 """Honesty/helpfulness stimuli: the signaling and telling-the-time paradigms, generated from their rules.
 
-Everything above ``HonestyDataModule`` is plain Python (numpy + the speaker model) so the simulator
-and the tests can build stimuli without a Trainer. A *scenario* is one random decision problem (a
+Everything above ``HonestyDataModule`` is plain functions of a seed (numpy + the speaker model), so
+the simulator and the tests build stimuli without a Trainer. A *scenario* is one random decision problem (a
 world of feature values and three objects, or a true time); a *trial* is a scenario under one
 condition (framing, decision context, chain-of-thought or not) with its options in a recorded random
 order. Every random choice flows from one seed, so a trial list is reproducible bit for bit.
@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import lightning as L
 import numpy as np
+from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_modules.probes.honesty.speaker_model import (
     ALL_UTTERANCES,
@@ -331,20 +334,25 @@ def build_messages(trial: Trial, answer_format: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": TIME_SYSTEM}, {"role": "user", "content": body}]
 
 
-def render_prompt(messages: list[dict[str, str]], tokenizer: Any = None, chat: bool = True) -> str:
+def render_prompt(
+    messages: list[dict[str, str]], tokenizer: Any = None, chat: bool = True, assistant_prefix: str | None = None
+) -> str:
     """Turn messages into the text a local model continues.
 
-    Chat models get their own chat template with the assistant turn opened; base models get plain
-    text ending in "Answer:" so the continuation is the answer.
+    Chat models get their own chat template with the assistant turn opened; base models get the
+    messages as plain paragraphs. ``assistant_prefix`` is text the assistant has already said (e.g.
+    its reasoning); by default nothing for chat models and "Answer:" for base models, so that the
+    continuation is the answer either way.
     """
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "chat=True needs a tokenizer with a chat template; set chat: false for base models"
             )
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return head + (assistant_prefix or "")
     text = "\n\n".join(m["content"] for m in messages)
-    return f"{text}\n\nAnswer:"
+    return f"{text}\n\n{'Answer:' if assistant_prefix is None else assistant_prefix}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,3 +396,65 @@ def parse_answer(trial: Trial, text: str, answer_format: str = "text") -> int | 
         if said in trial.options:
             return trial.options.index(said)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# LightningDataModule
+# --------------------------------------------------------------------------------------------------
+
+class HonestyDataModule(L.LightningDataModule):
+    """Trials of both paradigms under every requested condition, for ``train.py test``.
+
+    Batches are plain lists of :class:`Trial`. Under DDP, Lightning's distributed sampler gives each
+    rank its share; the probe gathers the records and drops the sampler's padding duplicates by
+    ``trial_id``.
+
+    Args:
+        n_signaling: signaling scenarios (each is shown under every framing x cot); 0 to skip.
+        n_time: telling-the-time scenarios (each under every framing x context x cot); 0 to skip.
+        seed: seeds every scenario, option subset and option order.
+        signaling_framings: any of belief / ambiguous / utility.
+        time_framings: framings for the time paradigm (the paper varies the decision context there).
+        time_contexts: any of regular / watch.
+        cot: which of direct answer (false) and chain-of-thought (true) to run.
+        n_options: signaling utterances shown per trial (at least one true and one false); null for
+            all 30 (only with method loglik/generate: 30 options cannot be lettered).
+        beta_listener: rationality of the literal listener used for U_R.
+        batch_size: trials per test step.
+    """
+
+    def __init__(
+        self,
+        n_signaling: int = 12,
+        n_time: int = 8,
+        seed: int = 0,
+        signaling_framings: list[str] = list(FRAMINGS),  # noqa: B006  (jsonargparse shows the default)
+        time_framings: list[str] = ["ambiguous"],  # noqa: B006
+        time_contexts: list[str] = list(DECISION_CONTEXTS),  # noqa: B006
+        cot: list[bool] = [False, True],  # noqa: B006
+        n_options: int | None = 6,
+        beta_listener: float = 1.0,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if n_signaling < 0 or n_time < 0 or n_signaling + n_time == 0:
+            raise ValueError(f"need some trials: n_signaling={n_signaling}, n_time={n_time} (both >= 0, not both 0)")
+        if not cot:
+            raise ValueError("cot must list at least one of false (direct) and true (chain-of-thought)")
+        self.save_hyperparameters()
+        self.trials: list[Trial] = self._build()
+
+    def _build(self) -> list[Trial]:
+        h = self.hparams
+        trials: list[Trial] = []
+        if h.n_signaling:
+            trials += signaling_trials(
+                h.n_signaling, h.seed, h.signaling_framings, h.cot, h.n_options, h.beta_listener
+            )
+        if h.n_time:
+            trials += time_trials(h.n_time, h.seed, h.time_framings, h.time_contexts, h.cot)
+        return trials
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.trials, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

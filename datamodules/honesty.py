@@ -335,7 +335,10 @@ def build_messages(trial: Trial, answer_format: str) -> list[dict[str, str]]:
 
 
 def render_prompt(
-    messages: list[dict[str, str]], tokenizer: Any = None, chat: bool = True, assistant_prefix: str | None = None
+    messages: list[dict[str, str]],
+    tokenizer: Any = None,
+    chat: bool = True,
+    assistant_prefix: str | None = None,
 ) -> str:
     """Turn messages into the text a local model continues.
 
@@ -402,6 +405,7 @@ def parse_answer(trial: Trial, text: str, answer_format: str = "text") -> int | 
 # LightningDataModule
 # --------------------------------------------------------------------------------------------------
 
+
 class HonestyDataModule(L.LightningDataModule):
     """Trials of both paradigms under every requested condition, for ``train.py test``.
 
@@ -438,7 +442,9 @@ class HonestyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if n_signaling < 0 or n_time < 0 or n_signaling + n_time == 0:
-            raise ValueError(f"need some trials: n_signaling={n_signaling}, n_time={n_time} (both >= 0, not both 0)")
+            raise ValueError(
+                f"need some trials: n_signaling={n_signaling}, n_time={n_time} (both >= 0, not both 0)"
+            )
         if not cot:
             raise ValueError("cot must list at least one of false (direct) and true (chain-of-thought)")
         self.save_hyperparameters()

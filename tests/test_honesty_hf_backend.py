@@ -60,9 +60,14 @@ def test_generation_with_cached_prefix_equals_plain_generate(tiny):
     got = tiny.generate(msgs, max_new_tokens=6)
     ids = torch.tensor([tiny._encode(tiny.prompt(msgs))])
     with torch.no_grad():
-        plain = tiny.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                    do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
-    assert got == [tiny.tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)]
+        plain = tiny.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tiny.tokenizer.pad_token_id,
+        )
+    assert got == [tiny.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True)]
     a = tiny.generate(msgs, max_new_tokens=5, n=3, temperature=1.0, seed=4)
     assert a == tiny.generate(msgs, max_new_tokens=5, n=3, temperature=1.0, seed=4) and len(a) == 3
     with pytest.raises(ValueError, match="temperature > 0"):
@@ -72,9 +77,18 @@ def test_generation_with_cached_prefix_equals_plain_generate(tiny):
 def test_chat_template_rendering_for_chat_models(tmp_cache):
     tok = load_tokenizer("smollm2-135m-instruct")
     trial = signaling_trials(1, seed=0, n_options=3)[0]
-    model = load_causal_lm(model_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32,
-                                         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                         "num_key_value_heads": 1}, seed=0).eval()
+    model = load_causal_lm(
+        model_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        seed=0,
+    ).eval()
     chat = HFBackend(model, tok, "chat", chat=True)
     prompt = chat.prompt(build_messages(trial, "letter"))
     assert "<|im_start|>assistant" in prompt and prompt.rstrip().endswith("assistant")

@@ -57,7 +57,9 @@ class _Server:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                outer.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                )
                 mode = outer.script.pop(0) if outer.script else "ok"
                 if mode == "slow":
                     time.sleep(1.0)
@@ -117,7 +119,9 @@ def test_letters_from_top_logprobs_and_cache_avoids_paying_twice(server, tmp_pat
     assert np.isneginf(lp[2])
     assert server.requests[0]["path"] == "/v1/chat/completions"
     assert server.requests[0]["auth"] == "Bearer sk-secret"
-    assert server.requests[0]["body"]["model"] == "test-model" and server.requests[0]["body"]["logprobs"] is True
+    assert (
+        server.requests[0]["body"]["model"] == "test-model" and server.requests[0]["body"]["logprobs"] is True
+    )
     # same request again, and from a fresh backend (a rerun): answered from the cache
     np.testing.assert_array_equal(be.letter_logprobs(MESSAGES, ["A", "B", "C"]), lp)
     np.testing.assert_array_equal(_backend(server, tmp_path).letter_logprobs(MESSAGES, ["A", "B", "C"]), lp)
@@ -175,7 +179,9 @@ def test_unreachable_and_unsupported(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="base_url"):
         OpenAIChatBackend("m", cache_dir=tmp_path)
-    be = OpenAIChatBackend("m", base_url="http://127.0.0.1:9", timeout_s=0.2, max_retries=0, cache_dir=tmp_path)
+    be = OpenAIChatBackend(
+        "m", base_url="http://127.0.0.1:9", timeout_s=0.2, max_retries=0, cache_dir=tmp_path
+    )
     with pytest.raises(BackendError, match="failed after 1 attempts"):
         be.generate(MESSAGES)
     with pytest.raises(BackendError, match="use method 'letter' or 'generate'"):

@@ -53,11 +53,15 @@ class Backend(ABC):
     supports_option_logprobs: bool = True
 
     @abstractmethod
-    def option_logprobs(self, messages: list[dict], options: list[str], reasoning: str | None = None) -> np.ndarray:
+    def option_logprobs(
+        self, messages: list[dict], options: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         """Sum of token log-probabilities of each option text as the model's answer."""
 
     @abstractmethod
-    def letter_logprobs(self, messages: list[dict], letters: list[str], reasoning: str | None = None) -> np.ndarray:
+    def letter_logprobs(
+        self, messages: list[dict], letters: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         """Log-probability of each letter as the answer's first token (-inf where unavailable)."""
 
     @abstractmethod
@@ -92,7 +96,9 @@ class HFBackend(Backend):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label: str, chat: bool) -> None:
         if chat and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"model {label!r}: chat: true but its tokenizer has no chat template; set chat: false")
+            raise ValueError(
+                f"model {label!r}: chat: true but its tokenizer has no chat template; set chat: false"
+            )
         self.model, self.tokenizer, self.label, self.chat = model, tokenizer, label, chat
         self._cache: dict[str, tuple[torch.Tensor, Any]] = {}
         if tokenizer.pad_token_id is None:
@@ -131,12 +137,14 @@ class HFBackend(Backend):
             out = self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
             if len(self._cache) >= 4:  # trials come one after another: keep only the latest few
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[prompt] = (ids, out.past_key_values)
+            self._cache[prompt] = (ids, out.cache)
         ids, past = self._cache[prompt]
         return ids, copy.deepcopy(past)
 
     @torch.no_grad()
-    def option_logprobs(self, messages: list[dict], options: list[str], reasoning: str | None = None) -> np.ndarray:
+    def option_logprobs(
+        self, messages: list[dict], options: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         prompt = self.prompt(messages, reasoning)
         sep = "" if prompt.endswith((" ", "\n")) or not prompt else " "
         ids, past = self._prefix(prompt)
@@ -150,21 +158,25 @@ class HFBackend(Backend):
         # Padding sits to the right of every real token, so causal attention never lets a real
         # position see it and no attention mask is needed.
         past.batch_repeat_interleave(len(options))
-        logits = self.model(input_ids=batch.to(self._device), past_key_values=past, use_cache=True).logits
+        logits = self.model(input_ids=batch.to(self._device), cache=past, use_cache=True).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
         return np.array(
             [float(logp[i, torch.arange(len(t)), torch.tensor(t)].sum()) for i, t in enumerate(tails)]
         )
 
     @torch.no_grad()
-    def letter_logprobs(self, messages: list[dict], letters: list[str], reasoning: str | None = None) -> np.ndarray:
+    def letter_logprobs(
+        self, messages: list[dict], letters: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         ids, past = self._prefix(self.prompt(messages, reasoning))
-        logits = self.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits
+        logits = self.model(input_ids=ids[:, -1:], cache=past, use_cache=True).logits
         logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
         out = []
         for letter in letters:
             # "A" and " A" are different tokens; either spelling of the letter counts as choosing it
-            variants = {self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in (letter, " " + letter)}
+            variants = {
+                self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in (letter, " " + letter)
+            }
             out.append(float(torch.logsumexp(logp[list(variants)], dim=0)))
         return np.array(out)
 
@@ -185,9 +197,11 @@ class HFBackend(Backend):
         if n > 1 and not sample:
             raise ValueError("n > 1 greedy generations would all be identical; set temperature > 0")
         kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens}
-        kwargs |= {"temperature": temperature, "top_k": 0, "top_p": 1.0} if sample else {
-            "temperature": None, "top_k": None, "top_p": None
-        }
+        kwargs |= (
+            {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if sample
+            else {"temperature": None, "top_k": None, "top_p": None}
+        )
         if n > 1:
             ids = ids.repeat(n, 1)
             past.batch_repeat_interleave(n)
@@ -196,7 +210,7 @@ class HFBackend(Backend):
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=past,
+                cache=past,
                 pad_token_id=self.tokenizer.pad_token_id,
                 **kwargs,
             )
@@ -241,7 +255,9 @@ class ResponseCache:
 
     def put(self, key: str, response: dict) -> None:
         body = json.dumps(response, sort_keys=True)
-        atomic_write_json(self.path(key), {"sha256": hashlib.sha256(body.encode()).hexdigest(), "response": response})
+        atomic_write_json(
+            self.path(key), {"sha256": hashlib.sha256(body.encode()).hexdigest(), "response": response}
+        )
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.is_dir() else 0
@@ -285,13 +301,18 @@ class OpenAIChatBackend(Backend):
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
-            raise ValueError("OpenAI backend needs base_url (config) or $OPENAI_BASE_URL, e.g. https://api.openai.com/v1")
+            raise ValueError(
+                "OpenAI backend needs base_url (config) or $OPENAI_BASE_URL, e.g. https://api.openai.com/v1"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.label, self.chat = model, label or model, True
         self._api_key = api_key or os.environ.get(api_key_env)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.top_logprobs = top_logprobs
-        root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lumenlm" / "honesty_http"
+        root = (
+            cache_dir
+            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lumenlm" / "honesty_http"
+        )
         self.cache = ResponseCache(root)
         self.n_requests = 0  # requests that reached the network (cache misses)
 
@@ -322,10 +343,16 @@ class OpenAIChatBackend(Backend):
                 last = f"HTTP {err.code}: {detail}"
                 if err.code in (429,) or err.code >= 500:
                     continue
-                raise BackendError(f"{self.url} refused the request ({last}); check model name, key and payload") from err
+                raise BackendError(
+                    f"{self.url} refused the request ({last}); check model name, key and payload"
+                ) from err
             except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as err:
                 reason = getattr(err, "reason", err)
-                last = f"timed out after {self.timeout_s} s" if isinstance(reason, TimeoutError) else f"{reason!r}"
+                last = (
+                    f"timed out after {self.timeout_s} s"
+                    if isinstance(reason, TimeoutError)
+                    else f"{reason!r}"
+                )
                 continue
             try:
                 reply = json.loads(raw)
@@ -345,14 +372,22 @@ class OpenAIChatBackend(Backend):
     def _messages(self, messages: list[dict], reasoning: str | None) -> list[dict]:
         if reasoning is None:
             return list(messages)
-        return [*messages, {"role": "assistant", "content": reasoning}, {"role": "user", "content": FOLLOWUP_AFTER_REASONING}]
+        return [
+            *messages,
+            {"role": "assistant", "content": reasoning},
+            {"role": "user", "content": FOLLOWUP_AFTER_REASONING},
+        ]
 
-    def option_logprobs(self, messages: list[dict], options: list[str], reasoning: str | None = None) -> np.ndarray:
+    def option_logprobs(
+        self, messages: list[dict], options: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         raise BackendError(
             f"{self.label}: a chat-completions API cannot score given option text; use method 'letter' or 'generate'"
         )
 
-    def letter_logprobs(self, messages: list[dict], letters: list[str], reasoning: str | None = None) -> np.ndarray:
+    def letter_logprobs(
+        self, messages: list[dict], letters: list[str], reasoning: str | None = None
+    ) -> np.ndarray:
         reply = self.complete(
             {
                 "messages": self._messages(messages, reasoning),

@@ -46,11 +46,29 @@ def plot_lambda_by_framing(rows: list[dict[str, Any]], path: Path) -> Path:
             if r.get("lambda_ci"):
                 lo, hi = r["lambda_ci"]
                 err = [[max(0.0, r["lambda_hat"] - lo)], [max(0.0, hi - r["lambda_hat"])]]
-            ax.bar(x, r["lambda_hat"], width, yerr=err, capsize=3, color=f"C{si}", label=name if fi == 0 else None)
+            ax.bar(
+                x,
+                r["lambda_hat"],
+                width,
+                yerr=err,
+                capsize=3,
+                color=f"C{si}",
+                label=name if fi == 0 else None,
+            )
     for hi_, (exp, vals) in enumerate(HUMAN_LAMBDA.items()):
-        xs = [fi + (len(series) + hi_ - (len(series) + len(HUMAN_LAMBDA) - 1) / 2) * width for fi in range(len(framings))]
-        ax.bar(xs, [vals[f] for f in framings], width, color="none", edgecolor="k", hatch="//" if hi_ else "..",
-               label=f"human ({exp.replace('_', ' ')})")
+        xs = [
+            fi + (len(series) + hi_ - (len(series) + len(HUMAN_LAMBDA) - 1) / 2) * width
+            for fi in range(len(framings))
+        ]
+        ax.bar(
+            xs,
+            [vals[f] for f in framings],
+            width,
+            color="none",
+            edgecolor="k",
+            hatch="//" if hi_ else "..",
+            label=f"human ({exp.replace('_', ' ')})",
+        )
     ax.set_xticks(range(len(framings)), framings)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fitted lambda (0 honest, 1 helpful)")
@@ -69,7 +87,9 @@ def plot_honesty_vs_helpfulness(rows: list[dict[str, Any]], path: Path) -> Path:
         for r in (r for r in pts if _series(r) == name):
             ax.scatter(r["honesty"], r["helpfulness"], color=f"C{si}", marker=markers[r["paradigm"]])
             label = r["framing"] + (f"/{r['context']}" if r.get("context") else "")
-            ax.annotate(label, (r["honesty"], r["helpfulness"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                label, (r["honesty"], r["helpfulness"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
         ax.scatter([], [], color=f"C{si}", label=name)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
@@ -88,10 +108,19 @@ def plot_rounding_by_context(rows: list[dict[str, Any]], path: Path) -> Path:
     width = 0.8 / max(1, len(series))
     for si, name in enumerate(series):
         for ci, ctx in enumerate(DECISION_CONTEXTS):
-            vals = [r["rounding_rate"] for r in tm if _series(r) + f" {r['framing']}" == name and r["context"] == ctx]
+            vals = [
+                r["rounding_rate"]
+                for r in tm
+                if _series(r) + f" {r['framing']}" == name and r["context"] == ctx
+            ]
             if vals:
-                ax.bar(ci + (si - (len(series) - 1) / 2) * width, vals[0], width, color=f"C{si}",
-                       label=name if ci == 0 else None)
+                ax.bar(
+                    ci + (si - (len(series) - 1) / 2) * width,
+                    vals[0],
+                    width,
+                    color=f"C{si}",
+                    label=name if ci == 0 else None,
+                )
     ax.set_xticks(range(len(DECISION_CONTEXTS)), ["regular (meeting)", "watch-setting"])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rounding rate")

@@ -44,8 +44,19 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
     {"label": "smollm2-135m-instruct", "model": "smollm2-135m-instruct", "chat": True}
 ]
 _HF_KEYS = {"label", "kind", "model", "tokenizer", "model_config", "chat", "dtype", "quantization", "seed"}
-_OPENAI_KEYS = {"label", "kind", "model", "base_url", "api_key", "api_key_env", "timeout_s", "max_retries",
-                "backoff_s", "cache_dir", "top_logprobs"}
+_OPENAI_KEYS = {
+    "label",
+    "kind",
+    "model",
+    "base_url",
+    "api_key",
+    "api_key_env",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "cache_dir",
+    "top_logprobs",
+}
 
 
 class HonestyProbe(L.LightningModule):
@@ -101,10 +112,14 @@ class HonestyProbe(L.LightningModule):
             if allowed is None:
                 raise ValueError(f"model {label!r}: kind must be 'hf' or 'openai', got {kind!r}")
             if extra := set(m) - allowed:
-                raise ValueError(f"model {label!r}: unknown fields {sorted(extra)}; allowed: {sorted(allowed)}")
+                raise ValueError(
+                    f"model {label!r}: unknown fields {sorted(extra)}; allowed: {sorted(allowed)}"
+                )
             if kind == "openai" and "loglik" in methods:
-                raise ValueError(f"model {label!r} is an API model: chat completions cannot score option text; "
-                                 "drop method 'loglik' (use 'letter' and/or 'generate')")
+                raise ValueError(
+                    f"model {label!r} is an API model: chat completions cannot score option text; "
+                    "drop method 'loglik' (use 'letter' and/or 'generate')"
+                )
         self.save_hyperparameters()
         self.model_specs = models
         self.lms = torch.nn.ModuleDict()
@@ -134,7 +149,9 @@ class HonestyProbe(L.LightningModule):
             tok_name = spec.get("tokenizer") or spec.get("model") or "byt5"
             key = re.sub(r"\W", "_", label)
             self.lms[key] = lm
-            self.backends[label] = HFBackend(lm, load_tokenizer(tok_name), label, bool(spec.get("chat", True)))
+            self.backends[label] = HFBackend(
+                lm, load_tokenizer(tok_name), label, bool(spec.get("chat", True))
+            )
 
     # ---- scoring ---------------------------------------------------------------------------------
 
@@ -245,31 +262,87 @@ class HonestyProbe(L.LightningModule):
             "records": records,
         }
         atomic_write_json(out / "results.json", payload)
-        columns = ["group", "n_items", "unparseable_share", "honesty", "helpfulness", "lambda_hat",
-                   "lambda_lo", "lambda_hi", "beta_hat", "human_lambda_free_choice", "human_lambda_endorsement"]
+        columns = [
+            "group",
+            "n_items",
+            "unparseable_share",
+            "honesty",
+            "helpfulness",
+            "lambda_hat",
+            "lambda_lo",
+            "lambda_hi",
+            "beta_hat",
+            "human_lambda_free_choice",
+            "human_lambda_endorsement",
+        ]
         table = []
         for r in rows:
             ci = r.get("lambda_ci") or [None, None]
             human = r.get("human_lambda") or {}
-            table.append([r["group"], r["n_items"], r["unparseable_share"], r.get("honesty"), r.get("helpfulness"),
-                          r.get("lambda_hat"), ci[0], ci[1], r.get("beta_hat"), human.get("free_choice"),
-                          human.get("endorsement")])
+            table.append(
+                [
+                    r["group"],
+                    r["n_items"],
+                    r["unparseable_share"],
+                    r.get("honesty"),
+                    r.get("helpfulness"),
+                    r.get("lambda_hat"),
+                    ci[0],
+                    ci[1],
+                    r.get("beta_hat"),
+                    human.get("free_choice"),
+                    human.get("endorsement"),
+                ]
+            )
         log_table(self.trainer, "honesty_probe/aggregates", columns, table)
-        rec_cols = ["trial_id", "model", "method", "condition", "prompt", "reasoning", "options", "probs", "chosen",
-                    "generations", "honesty", "helpfulness"]
-        log_table(self.trainer, "honesty_probe/records", rec_cols,
-                  [[r.get(c) if c not in ("prompt", "options", "probs", "generations") else json.dumps(r.get(c))
-                    for c in rec_cols] for r in records])
+        rec_cols = [
+            "trial_id",
+            "model",
+            "method",
+            "condition",
+            "prompt",
+            "reasoning",
+            "options",
+            "probs",
+            "chosen",
+            "generations",
+            "honesty",
+            "helpfulness",
+        ]
+        log_table(
+            self.trainer,
+            "honesty_probe/records",
+            rec_cols,
+            [
+                [
+                    r.get(c)
+                    if c not in ("prompt", "options", "probs", "generations")
+                    else json.dumps(r.get(c))
+                    for c in rec_cols
+                ]
+                for r in records
+            ],
+        )
         if self.hparams.plots:
-            for key, fn in (("lambda_by_framing", plot_lambda_by_framing),
-                            ("honesty_vs_helpfulness", plot_honesty_vs_helpfulness),
-                            ("rounding_by_context", plot_rounding_by_context)):
+            for key, fn in (
+                ("lambda_by_framing", plot_lambda_by_framing),
+                ("honesty_vs_helpfulness", plot_honesty_vs_helpfulness),
+                ("rounding_by_context", plot_rounding_by_context),
+            ):
                 log_image(self.trainer, f"honesty_probe/{key}", fn(rows, out / f"{key}.png"))
-        rank_zero_info(f"honesty probe: {len(records)} records, {len(rows)} conditions -> {out / 'results.json'}")
+        rank_zero_info(
+            f"honesty probe: {len(records)} records, {len(rows)} conditions -> {out / 'results.json'}"
+        )
         for r in rows:
             ci = r.get("lambda_ci")
-            lam = "n/a" if r.get("lambda_hat") is None else f"{r['lambda_hat']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            lam = (
+                "n/a"
+                if r.get("lambda_hat") is None
+                else f"{r['lambda_hat']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            )
             hon = "n/a" if r.get("honesty") is None else f"{r['honesty']:.2f}"
             hlp = "n/a" if r.get("helpfulness") is None else f"{r['helpfulness']:.2f}"
-            rank_zero_info(f"  {r['group']:<60} honesty {hon}  helpfulness {hlp}  lambda {lam}"
-                           f"  unparseable {r['unparseable_share']:.0%}")
+            rank_zero_info(
+                f"  {r['group']:<60} honesty {hon}  helpfulness {hlp}  lambda {lam}"
+                f"  unparseable {r['unparseable_share']:.0%}"
+            )

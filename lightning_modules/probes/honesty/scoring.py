@@ -100,7 +100,9 @@ def aggregate(
                 "honesty": float(np.mean(hon)),
                 "helpfulness": float(np.nanmean(helps)) if np.isfinite(helps).any() else None,
                 "n_helpfulness_undefined": int(np.isnan(helps).sum()),
-                "top_choice_true_share": float(np.mean([u.truth[int(np.argmax(p))] > 0 for p, u in zip(probs, utils, strict=True)])),
+                "top_choice_true_share": float(
+                    np.mean([u.truth[int(np.argmax(p))] > 0 for p, u in zip(probs, utils, strict=True)])
+                ),
                 **fit.to_dict(),
             }
             if key["paradigm"] == "time":

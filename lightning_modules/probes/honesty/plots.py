@@ -73,7 +73,7 @@ def plot_lambda_by_framing(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fitted lambda (0 honest, 1 helpful)")
     ax.set_title("Honesty/helpfulness trade-off by framing (signaling)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -96,7 +96,7 @@ def plot_honesty_vs_helpfulness(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("honesty (probability on true utterances)")
     ax.set_ylabel("helpfulness (normalised listener reward)")
     ax.set_title("Honesty vs helpfulness by condition (o signaling, s time)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -126,5 +126,5 @@ def plot_rounding_by_context(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("rounding rate")
     ax.set_title("Telling the time: rounding by listener decision context")
     if series:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

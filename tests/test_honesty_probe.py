@@ -58,7 +58,9 @@ def test_tiny_config_end_to_end(tmp_path):
         if row["paradigm"] == "signaling":
             assert set(row["human_lambda"]) == {"free_choice", "endorsement"}
             if row["lambda_hat"] is not None:
-                assert 0 <= row["lambda_hat"] <= 1 and row["lambda_ci"] is not None
+                assert 0 <= row["lambda_hat"] <= 1
+                # a bootstrap over a single item means nothing: no interval is reported then
+                assert (row["lambda_ci"] is not None) == (row["n_items"] - row["n_unparseable"] >= 2)
     for png in ("lambda_by_framing", "honesty_vs_helpfulness", "rounding_by_context"):
         assert (out / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "honesty_probe_records.csv").is_file() and (
@@ -106,6 +108,10 @@ def test_planted_speaker_lambda_is_recovered_per_condition(tmp_path, cpu_trainer
         assert rows[f"planted/letter/signaling/{framing}/cot"]["lambda_hat"] == pytest.approx(
             value + 0.1, abs=0.01
         )
+    assert all(
+        r["lambda_ci"][0] <= r["lambda_hat"] + 1e-4 and r["lambda_hat"] <= r["lambda_ci"][1] + 1e-4
+        for r in rows.values()
+    )
     for ctx in ("regular", "watch"):
         row = rows[f"planted/letter/time/ambiguous/{ctx}/direct"]
         assert row["lambda_hat"] == pytest.approx(0.5, abs=0.01) and row["beta_hat"] == pytest.approx(
@@ -131,8 +137,17 @@ def test_bad_probe_arguments_fail_early():
         HonestyProbe(n_samples=3)
 
 
+SMALLER = [  # 4 trials, 2 methods: enough to split across two ranks and pad the last batch
+    "--data.init_args.signaling_framings=[utility]",
+    "--data.init_args.time_contexts=[watch]",
+    "--model.init_args.methods=[loglik, generate]",
+    "--model.init_args.n_boot=0",
+    "--model.init_args.plots=false",
+]
+
+
 def _run_tiny(root, **trainer):
-    cli = parse_config(TINY, subcommand="test", overrides=[f"--trainer.default_root_dir={root}"])
+    cli = parse_config(TINY, subcommand="test", overrides=[f"--trainer.default_root_dir={root}", *SMALLER])
     kwargs = {
         "accelerator": "cpu",
         "devices": 1,
@@ -150,6 +165,7 @@ def test_ddp_two_processes_split_items_and_gather_the_same_results(tmp_path):
     single = _run_tiny(tmp_path / "single")
     ddp = _run_tiny(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
     key = lambda r: (r["trial_id"], r["method"])  # noqa: E731
+    assert len(single["records"]) == 2 * 4
     assert sorted(map(key, ddp["records"])) == sorted(map(key, single["records"]))  # each item once
     by_key = {key(r): r for r in single["records"]}
     for r in ddp["records"]:

@@ -177,3 +177,43 @@ def test_ddp_two_processes_split_items_and_gather_the_same_results(tmp_path):
     assert [a["honesty"] for a in ddp["aggregates"]] == pytest.approx(
         [a["honesty"] for a in single["aggregates"]], abs=1e-5
     )
+
+
+def test_api_model_through_the_probe_and_rerun_served_from_cache(tmp_path, cpu_trainer_kwargs):
+    from tests.test_honesty_http_backend import _Server
+
+    dm = HonestyDataModule(
+        n_signaling=1,
+        n_time=1,
+        n_options=3,
+        signaling_framings=["utility"],
+        time_contexts=["regular"],
+        cot=[False, True],
+    )
+    spec = {
+        "kind": "openai",
+        "label": "api",
+        "model": "test-model",
+        "timeout_s": 2.0,
+        "max_retries": 0,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    with _Server() as server:
+        spec["base_url"] = server.url
+        probe = HonestyProbe(models=[spec], methods=["letter", "generate"], n_boot=0, plots=False)
+        L.Trainer(**cpu_trainer_kwargs).test(probe, datamodule=dm)
+        first = len(server.requests)
+        # direct: letter + answer; cot: 2 reasonings (one per answer format) + letter + answer
+        assert first == 2 * 2 + 2 * 4
+        records = probe.results["records"]
+        letter = [r for r in records if r["method"] == "letter"]
+        assert all(r["chosen"] == r["options"][1] for r in letter)  # the server always prefers "B"
+        generated = [r for r in records if r["method"] == "generate"]
+        assert all(r["probs"] is None for r in generated)  # "B is my answer" names no option
+        assert {
+            row["unparseable_share"] for row in probe.results["aggregates"] if row["method"] == "generate"
+        } == {1.0}
+        rerun = HonestyProbe(models=[spec], methods=["letter", "generate"], n_boot=0, plots=False)
+        L.Trainer(**cpu_trainer_kwargs).test(rerun, datamodule=dm)
+        assert len(server.requests) == first  # everything came from the cache
+        assert [r["probs"] for r in rerun.results["records"]] == [r["probs"] for r in records]

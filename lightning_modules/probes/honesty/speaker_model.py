@@ -378,7 +378,12 @@ BETA_BOUNDS = (1e-3, 100.0)
 
 
 def fit_lambda(
-    data: ChoiceData, *, fit_beta: bool = True, beta: float = 1.0, init: tuple[float, float] | None = None
+    data: ChoiceData,
+    *,
+    fit_beta: bool = True,
+    beta: float = 1.0,
+    init: tuple[float, float] | None = None,
+    refine: bool = True,
 ) -> FitResult:
     """Maximum-likelihood lambda (and beta) of the RSA speaker.
 
@@ -392,6 +397,8 @@ def fit_lambda(
         beta: the fixed rationality when ``fit_beta`` is False.
         init: start (lambda, beta) for the refinement instead of the grid search; the bootstrap
             passes the full-data estimate, which is close to every resample's optimum.
+        refine: False stops at the grid (the paradigm papers' own procedure; kept as the
+            benchmark's baseline).
     """
     if float(data.weights.sum()) <= 0:
         raise ValueError("all choice weights are zero: nothing to fit")
@@ -402,6 +409,8 @@ def fit_lambda(
         b0 = init[1] if fit_beta else beta
         best = (log_likelihood(data, init[0], b0), init[0], b0)
     _, lam0, beta0 = best
+    if not refine:
+        return FitResult(float(lam0), float(beta0), best[0], len(data), fit_beta=fit_beta)
     if fit_beta:
 
         def objective(x: np.ndarray) -> tuple[float, np.ndarray]:

@@ -217,3 +217,15 @@ def test_api_model_through_the_probe_and_rerun_served_from_cache(tmp_path, cpu_t
         L.Trainer(**cpu_trainer_kwargs).test(rerun, datamodule=dm)
         assert len(server.requests) == first  # everything came from the cache
         assert [r["probs"] for r in rerun.results["records"]] == [r["probs"] for r in records]
+
+
+def test_api_key_is_never_saved_and_letter_needs_few_options(cpu_trainer_kwargs):
+    probe = HonestyProbe(
+        models=[{"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9", "api_key": "sk-x"}],
+        methods=["letter"],
+    )
+    assert "sk-x" not in json.dumps(dict(probe.hparams)) and probe.model_specs[0]["api_key"] == "sk-x"
+    with pytest.raises(ValueError, match="at most 26 options"):
+        L.Trainer(**cpu_trainer_kwargs).test(
+            probe, datamodule=HonestyDataModule(n_signaling=1, n_time=0, n_options=None)
+        )

@@ -120,8 +120,10 @@ class HonestyProbe(L.LightningModule):
                     f"model {label!r} is an API model: chat completions cannot score option text; "
                     "drop method 'loglik' (use 'letter' and/or 'generate')"
                 )
-        self.save_hyperparameters()
         self.model_specs = models
+        # hparams end up in results.json and the logger's config: never an API key
+        models = [{k: ("<redacted>" if k == "api_key" else v) for k, v in m.items()} for m in models]  # noqa: F841
+        self.save_hyperparameters()
         self.lms = torch.nn.ModuleDict()
         self.backends: dict[str, Backend] = {}
         self._records: list[dict[str, Any]] = []
@@ -200,6 +202,15 @@ class HonestyProbe(L.LightningModule):
             max_new_tokens=self.hparams.cot_max_new_tokens,
             seed=self._trial_seed(trial),
         )[0]
+
+    @override
+    def on_test_start(self) -> None:
+        trials = getattr(self.trainer.datamodule, "trials", None) or []
+        if "letter" in self.hparams.methods and any(len(t.options) > 26 for t in trials):
+            raise ValueError(
+                "method 'letter' needs at most 26 options per trial: set data n_options <= 26 "
+                "or drop 'letter' from methods"
+            )
 
     @override
     def on_test_epoch_start(self) -> None:

@@ -36,6 +36,7 @@ def plot_lambda_by_framing(rows: list[dict[str, Any]], path: Path) -> Path:
     framings = [f for f in FRAMING_ORDER if any(r["framing"] == f for r in sig)] or list(FRAMING_ORDER)
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / (len(series) + len(HUMAN_LAMBDA))
+    labelled: set[str] = set()
     for si, name in enumerate(series):
         for fi, framing in enumerate(framings):
             r = next((r for r in sig if _series(r) == name and r["framing"] == framing), None)
@@ -46,15 +47,17 @@ def plot_lambda_by_framing(rows: list[dict[str, Any]], path: Path) -> Path:
             if r.get("lambda_ci"):
                 lo, hi = r["lambda_ci"]
                 err = [[max(0.0, r["lambda_hat"] - lo)], [max(0.0, hi - r["lambda_hat"])]]
-            ax.bar(
+            # points, not bars: a lambda of exactly 0 (a pure truth-teller) must stay visible
+            ax.errorbar(
                 x,
                 r["lambda_hat"],
-                width,
                 yerr=err,
+                fmt="o",
                 capsize=3,
                 color=f"C{si}",
-                label=name if fi == 0 else None,
+                label=None if name in labelled else name,
             )
+            labelled.add(name)
     for hi_, (exp, vals) in enumerate(HUMAN_LAMBDA.items()):
         xs = [
             fi + (len(series) + hi_ - (len(series) + len(HUMAN_LAMBDA) - 1) / 2) * width
@@ -106,6 +109,7 @@ def plot_rounding_by_context(rows: list[dict[str, Any]], path: Path) -> Path:
     series = sorted({_series(r) + f" {r['framing']}" for r in tm})
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(series))
+    labelled: set[str] = set()
     for si, name in enumerate(series):
         for ci, ctx in enumerate(DECISION_CONTEXTS):
             vals = [
@@ -119,12 +123,14 @@ def plot_rounding_by_context(rows: list[dict[str, Any]], path: Path) -> Path:
                     vals[0],
                     width,
                     color=f"C{si}",
-                    label=name if ci == 0 else None,
+                    label=None if name in labelled else name,
                 )
+                labelled.add(name)
+    # two of the three options are rounded: a speaker with no preference rounds 2/3 of the time
+    ax.axhline(2 / 3, color="gray", lw=0.8, ls=":", label="uniform over the options")
     ax.set_xticks(range(len(DECISION_CONTEXTS)), ["regular (meeting)", "watch-setting"])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rounding rate")
     ax.set_title("Telling the time: rounding by listener decision context")
-    if series:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

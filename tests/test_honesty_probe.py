@@ -229,3 +229,27 @@ def test_api_key_is_never_saved_and_letter_needs_few_options(cpu_trainer_kwargs)
         L.Trainer(**cpu_trainer_kwargs).test(
             probe, datamodule=HonestyDataModule(n_signaling=1, n_time=0, n_options=None)
         )
+
+
+@pytest.mark.slow
+def test_shipped_config_on_the_real_model_shrunk(tmp_path, tmp_cache):
+    """The shipped config's real path (SmolLM2 chat template, all methods, CoT) on two trials."""
+    cli = parse_config(
+        "configs/probes/honesty.yaml",
+        subcommand="test",
+        overrides=[
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--data.init_args.n_signaling=1",
+            "--data.init_args.n_time=0",
+            "--data.init_args.signaling_framings=[utility]",
+            "--model.init_args.n_boot=0",
+        ],
+    )
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    res = json.loads((tmp_path / "honesty" / "results.json").read_text())
+    assert res["n_records"] == 3 * 2
+    for r in res["records"]:
+        assert "<|im_start|>assistant" in r["prompt"]
+        if r["method"] != "generate":
+            assert sum(r["probs"]) == pytest.approx(1.0)

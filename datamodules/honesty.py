@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_modules.errors import UserFacingError
 from lightning_modules.probes.honesty.speaker_model import (
     ALL_UTTERANCES,
     COLOURS,
@@ -171,7 +172,7 @@ def _subset(truth: np.ndarray, n_options: int | None, rng: np.random.Generator) 
     if n_options is None or n_options >= len(truth):
         return idx
     if n_options < 2:
-        raise ValueError(f"n_options must be at least 2 (one true, one false), got {n_options}")
+        raise UserFacingError(f"n_options must be at least 2 (one true, one false), got {n_options}")
     true_idx, false_idx = idx[truth > 0], idx[truth <= 0]
     first = [int(rng.choice(true_idx)), int(rng.choice(false_idx))]
     rest = rng.choice(np.setdiff1d(idx, first), size=n_options - 2, replace=False)
@@ -274,7 +275,7 @@ def time_trials(
 def _check_choices(what: str, given: Sequence[str], allowed: Sequence[str]) -> None:
     bad = [g for g in given if g not in allowed]
     if bad or not given:
-        raise ValueError(f"unknown or empty {what} {list(given)}: choose from {list(allowed)}")
+        raise UserFacingError(f"unknown or empty {what} {list(given)}: choose from {list(allowed)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +286,9 @@ def _check_choices(what: str, given: Sequence[str], allowed: Sequence[str]) -> N
 def option_labels(n: int) -> list[str]:
     """Letter labels A, B, ... for ``n`` listed options."""
     if n > len(LETTERS):
-        raise ValueError(f"{n} options cannot be lettered A-Z; use answer_format 'text' or fewer options")
+        raise UserFacingError(
+            f"{n} options cannot be lettered A-Z; use answer_format 'text' or fewer options"
+        )
     return list(LETTERS[:n])
 
 
@@ -299,7 +302,7 @@ def build_messages(trial: Trial, answer_format: str) -> list[dict[str, str]]:
             free generation).
     """
     if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format {answer_format!r} unknown; use one of {ANSWER_FORMATS}")
+        raise UserFacingError(f"answer_format {answer_format!r} unknown; use one of {ANSWER_FORMATS}")
     if answer_format == "letter":
         listed = "\n".join(
             f"{lab}. {opt}" for lab, opt in zip(option_labels(len(trial.options)), trial.options, strict=True)
@@ -349,7 +352,7 @@ def render_prompt(
     """
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise UserFacingError(
                 "chat=True needs a tokenizer with a chat template; set chat: false for base models"
             )
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -442,11 +445,11 @@ class HonestyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if n_signaling < 0 or n_time < 0 or n_signaling + n_time == 0:
-            raise ValueError(
+            raise UserFacingError(
                 f"need some trials: n_signaling={n_signaling}, n_time={n_time} (both >= 0, not both 0)"
             )
         if not cot:
-            raise ValueError("cot must list at least one of false (direct) and true (chain-of-thought)")
+            raise UserFacingError("cot must list at least one of false (direct) and true (chain-of-thought)")
         self.save_hyperparameters()
         self.trials: list[Trial] = self._build()
 

@@ -31,13 +31,17 @@ import numpy as np
 import torch
 
 from datamodules.honesty import render_prompt
+from lightning_modules.errors import UserFacingError
 from lightning_modules.reporting import atomic_write_json
 
 FOLLOWUP_AFTER_REASONING = "Now give only your final answer, in the format asked for above."
 
 
-class BackendError(RuntimeError):
-    """A backend could not answer (unreachable, timed out, malformed reply, unsupported request)."""
+class BackendError(UserFacingError, RuntimeError):
+    """A backend could not answer (unreachable, timed out, malformed reply, unsupported request).
+
+    A ``UserFacingError``: ``train.py`` prints its message (what failed, what to do) as one line.
+    """
 
 
 class Backend(ABC):
@@ -96,7 +100,7 @@ class HFBackend(Backend):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label: str, chat: bool) -> None:
         if chat and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise UserFacingError(
                 f"model {label!r}: chat: true but its tokenizer has no chat template; set chat: false"
             )
         self.model, self.tokenizer, self.label, self.chat = model, tokenizer, label, chat
@@ -133,7 +137,7 @@ class HFBackend(Backend):
         if prompt not in self._cache:
             ids = torch.tensor([self._encode(prompt)], device=self._device)
             if ids.shape[1] < 2:
-                raise ValueError(f"prompt too short to score ({ids.shape[1]} tokens): {prompt!r}")
+                raise UserFacingError(f"prompt too short to score ({ids.shape[1]} tokens): {prompt!r}")
             out = self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
             if len(self._cache) >= 4:  # trials come one after another: keep only the latest few
                 self._cache.pop(next(iter(self._cache)))
@@ -150,7 +154,7 @@ class HFBackend(Backend):
         ids, past = self._prefix(prompt)
         tails = [self.tokenizer(sep + o, add_special_tokens=False)["input_ids"] for o in options]
         if any(not t for t in tails):
-            raise ValueError(f"an option tokenises to nothing: {options}")
+            raise UserFacingError(f"an option tokenises to nothing: {options}")
         width = 1 + max(len(t) for t in tails)
         batch = torch.full((len(options), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, t in enumerate(tails):
@@ -195,7 +199,7 @@ class HFBackend(Backend):
         ids, past = self._prefix(self.prompt(messages, reasoning, for_reasoning))
         sample = temperature > 0
         if n > 1 and not sample:
-            raise ValueError("n > 1 greedy generations would all be identical; set temperature > 0")
+            raise UserFacingError("n > 1 greedy generations would all be identical; set temperature > 0")
         kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens}
         kwargs |= (
             {"temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -301,7 +305,7 @@ class OpenAIChatBackend(Backend):
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
-            raise ValueError(
+            raise UserFacingError(
                 "OpenAI backend needs base_url (config) or $OPENAI_BASE_URL, e.g. https://api.openai.com/v1"
             )
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -437,7 +441,7 @@ class OpenAIChatBackend(Backend):
 def _validate_reply(reply: Any) -> None:
     """Raise ValueError unless ``reply`` looks like a chat-completions response."""
     if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
-        raise ValueError("no 'choices' list")
+        raise UserFacingError("no 'choices' list")
     for c in reply["choices"]:
         if not isinstance(c, dict) or not isinstance(c.get("message"), dict):
-            raise ValueError("a choice has no 'message' object")
+            raise UserFacingError("a choice has no 'message' object")

@@ -27,6 +27,7 @@ from scipy.special import softmax
 from typing_extensions import override
 
 from datamodules.honesty import Trial, build_messages, option_labels, parse_answer
+from lightning_modules.errors import UserFacingError
 from lightning_modules.model_loading import load_causal_lm, load_tokenizer
 from lightning_modules.probes.honesty.backends import Backend, HFBackend, OpenAIChatBackend
 from lightning_modules.probes.honesty.plots import (
@@ -99,24 +100,24 @@ class HonestyProbe(L.LightningModule):
         models = [dict(m) for m in (models or DEFAULT_MODELS)]
         bad = [m for m in methods if m not in METHODS]
         if bad or not methods:
-            raise ValueError(f"unknown or empty methods {methods}: choose from {list(METHODS)}")
+            raise UserFacingError(f"unknown or empty methods {methods}: choose from {list(METHODS)}")
         if n_samples > 1 and temperature <= 0:
-            raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples would be identical)")
+            raise UserFacingError("n_samples > 1 needs temperature > 0 (greedy samples would be identical)")
         labels = [m.get("label") or m.get("model") or "tiny" for m in models]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"model labels must be unique, got {labels}; set `label` on each entry")
+            raise UserFacingError(f"model labels must be unique, got {labels}; set `label` on each entry")
         for m, label in zip(models, labels, strict=True):
             m["label"] = label
             kind = m.get("kind", "hf")
             allowed = _HF_KEYS if kind == "hf" else _OPENAI_KEYS if kind == "openai" else None
             if allowed is None:
-                raise ValueError(f"model {label!r}: kind must be 'hf' or 'openai', got {kind!r}")
+                raise UserFacingError(f"model {label!r}: kind must be 'hf' or 'openai', got {kind!r}")
             if extra := set(m) - allowed:
-                raise ValueError(
+                raise UserFacingError(
                     f"model {label!r}: unknown fields {sorted(extra)}; allowed: {sorted(allowed)}"
                 )
             if kind == "openai" and "loglik" in methods:
-                raise ValueError(
+                raise UserFacingError(
                     f"model {label!r} is an API model: chat completions cannot score option text; "
                     "drop method 'loglik' (use 'letter' and/or 'generate')"
                 )
@@ -207,7 +208,7 @@ class HonestyProbe(L.LightningModule):
     def on_test_start(self) -> None:
         trials = getattr(self.trainer.datamodule, "trials", None) or []
         if "letter" in self.hparams.methods and any(len(t.options) > 26 for t in trials):
-            raise ValueError(
+            raise UserFacingError(
                 "method 'letter' needs at most 26 options per trial: set data n_options <= 26 "
                 "or drop 'letter' from methods"
             )

@@ -184,7 +184,9 @@ def load_examples(task: ICLTask) -> tuple[Example, ...]:
         raise TaskLoadError(f"task {task.name!r}: source {task.source!r} must start with 'staicc:' or 'hf:'")
     bad = {e.label for e in examples} - set(range(task.num_classes))
     if bad:
-        raise TaskLoadError(f"task {task.name!r}: labels {sorted(bad)} have no label word ({task.label_words})")
+        raise TaskLoadError(
+            f"task {task.name!r}: labels {sorted(bad)} have no label word ({task.label_words})"
+        )
     if task.max_chars is not None:
         examples = [e for e in examples if len(task.render_input(e)) <= task.max_chars]
     return tuple(examples)
@@ -205,7 +207,9 @@ def _load_staicc(name: str) -> list:
 def _load_hf(task: ICLTask, rest: str) -> list[Example]:
     path_config, _, split = rest.rpartition(":")
     if not path_config:
-        raise TaskLoadError(f"task {task.name!r}: hf source must be 'hf:<path>[/<config>]:<split>', got {rest!r}")
+        raise TaskLoadError(
+            f"task {task.name!r}: hf source must be 'hf:<path>[/<config>]:<split>', got {rest!r}"
+        )
     parts = path_config.split("/")
     path, config = ("/".join(parts[:-1]), parts[-1]) if len(parts) == 3 else (path_config, None)
     try:
@@ -224,7 +228,9 @@ def _load_hf(task: ICLTask, rest: str) -> list[Example]:
     ]
 
 
-def balanced_sample(examples: Sequence[Example], n: int, num_classes: int, rng: random.Random) -> list[Example]:
+def balanced_sample(
+    examples: Sequence[Example], n: int, num_classes: int, rng: random.Random
+) -> list[Example]:
     """``n`` examples with class counts differing by at most one, in a random order.
 
     The remainder ``n mod num_classes`` goes to randomly chosen classes, so N=1 on a binary task picks a
@@ -321,14 +327,32 @@ def build_work_units(
                 for seed in seeds:
                     demos = sample_demos(pool, n, task.num_classes, seed)
                     units.append(
-                        WorkUnit(f"{task.name}/n{n}/s{seed}/{variant}", "sweep", task, n, seed, variant, demos,
-                                 test, [list(range(n))])
+                        WorkUnit(
+                            f"{task.name}/n{n}/s{seed}/{variant}",
+                            "sweep",
+                            task,
+                            n,
+                            seed,
+                            variant,
+                            demos,
+                            test,
+                            [list(range(n))],
+                        )
                     )
             if n_permutations > 1 and order_n_demos:
                 demos = sample_demos(pool, order_n_demos, task.num_classes, seeds[0])
                 units.append(
-                    WorkUnit(f"{task.name}/order/n{order_n_demos}/{variant}", "order", task, order_n_demos, seeds[0],
-                             variant, demos, test, permutations(order_n_demos, n_permutations, seeds[0]))
+                    WorkUnit(
+                        f"{task.name}/order/n{order_n_demos}/{variant}",
+                        "order",
+                        task,
+                        order_n_demos,
+                        seeds[0],
+                        variant,
+                        demos,
+                        test,
+                        permutations(order_n_demos, n_permutations, seeds[0]),
+                    )
                 )
     return units
 
@@ -384,8 +408,14 @@ class ICLTaskDataModule(L.LightningDataModule):
         hp = self.hparams
         variants = ("pretrained", "random_init") if hp.random_init_control else ("pretrained",)
         self.units = build_work_units(
-            list(hp.tasks), list(hp.n_demos), list(hp.seeds), hp.n_test, hp.test_seed, hp.order_n_demos,
-            hp.n_permutations, variants,
+            list(hp.tasks),
+            list(hp.n_demos),
+            list(hp.seeds),
+            hp.n_test,
+            hp.test_seed,
+            hp.order_n_demos,
+            hp.n_permutations,
+            variants,
         )
 
     @override

@@ -16,8 +16,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-DEMOS = [("Input: great fun\nLabel:", " yes"), ("Input: dull plot\nLabel:", " no"),
-         ("Input: loved it\nLabel:", " yes"), ("Input: awful\nLabel:", " no")]
+DEMOS = [
+    ("Input: great fun\nLabel:", " yes"),
+    ("Input: dull plot\nLabel:", " no"),
+    ("Input: loved it\nLabel:", " yes"),
+    ("Input: awful\nLabel:", " no"),
+]
 QUERIES = ["Input: fine film\nLabel:", "Input: boring\nLabel:", "Input: superb acting\nLabel:"]
 ORDERS = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]]
 
@@ -41,12 +45,19 @@ def test_full_batch_gd_is_order_invariant_icl_and_sgd_are_not():
     full = _gd_scores(model, tok, GDConfig("full_batch", "all", lr=0.5, epochs=3))
     sgd = _gd_scores(model, tok, GDConfig("sgd", "all", lr=0.5, epochs=1))
     zero = score_requests(model, encode_requests(tok, QUERIES, [" no", " yes"])).loglik
-    icl = torch.stack([
-        score_requests(model, encode_requests(
-            tok, ["\n\n".join(p + t for p, t in (DEMOS[i] for i in order)) + "\n\n" + q for q in QUERIES],
-            [" no", " yes"])).loglik
-        for order in ORDERS
-    ])
+    icl = torch.stack(
+        [
+            score_requests(
+                model,
+                encode_requests(
+                    tok,
+                    ["\n\n".join(p + t for p, t in (DEMOS[i] for i in order)) + "\n\n" + q for q in QUERIES],
+                    [" no", " yes"],
+                ),
+            ).loglik
+            for order in ORDERS
+        ]
+    )
     assert _spread(full) < 1e-10
     assert _spread(sgd) > 1e-4
     assert _spread(icl) > 1e-4

@@ -33,8 +33,15 @@ class ByteTokenizer:
 
 def tiny_llama(dtype=torch.float64):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -62,8 +69,9 @@ def test_batched_prefix_reuse_matches_unbatched(choices):
     # the full-vocabulary distribution agrees with single-token choice scores
     first = torch.tensor([r.continuations[0][0] for r in reqs])
     if all(len(r.continuations[0]) == 1 for r in reqs):
-        torch.testing.assert_close(res.next_token_logprobs[torch.arange(4), first].double(), ref[:, 0], atol=1e-6,
-                                   rtol=0)
+        torch.testing.assert_close(
+            res.next_token_logprobs[torch.arange(4), first].double(), ref[:, 0], atol=1e-6, rtol=0
+        )
 
 
 def test_float32_prefix_reuse_within_lm_eval_tolerance():

@@ -35,8 +35,14 @@ def test_offline_set_is_the_expected_one():
 
 
 def test_prompt_format_matches_declaration():
-    task = ICLTask("t", "staicc:sst2", label_words=("neg", "pos"), template="R: {text}\nS:",
-                   target_delimiter=" ", demo_separator="\n\n")
+    task = ICLTask(
+        "t",
+        "staicc:sst2",
+        label_words=("neg", "pos"),
+        template="R: {text}\nS:",
+        target_delimiter=" ",
+        demo_separator="\n\n",
+    )
     d1, d2, q = Example(0, {"text": "a"}, 1), Example(1, {"text": "b"}, 0), Example(2, {"text": "c"}, 1)
     assert task.context([d1, d2], q) == "R: a\nS: pos\n\nR: b\nS: neg\n\nR: c\nS:"
     assert task.context([], q) == "R: c\nS:"
@@ -52,14 +58,21 @@ def test_bad_declarations_fail_clearly():
         ICLTask("x", "staicc:sst2", label_words=("a", "b"), template="{sentence}").render_input(
             Example(0, {"text": "t"}, 0)
         )
-    assert get_task({"name": "y", "source": "staicc:sst2", "label_words": ["a", "b"]}).label_words == ("a", "b")
+    assert get_task({"name": "y", "source": "staicc:sst2", "label_words": ["a", "b"]}).label_words == (
+        "a",
+        "b",
+    )
 
 
 def test_online_task_fails_with_one_line_naming_offline_tasks(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = ICLTask("cbx", "hf:nonexistent-org/nonexistent/cb:train", input_fields=("premise", "hypothesis"),
-                   label_words=("true", "false", "neither"))
+    task = ICLTask(
+        "cbx",
+        "hf:nonexistent-org/nonexistent/cb:train",
+        input_fields=("premise", "hypothesis"),
+        label_words=("true", "false", "neither"),
+    )
     with pytest.raises(TaskLoadError) as info:
         load_examples(task)
     msg = str(info.value)
@@ -82,8 +95,15 @@ def test_demo_sampling_seeded_balanced_and_disjoint_from_test():
 
 
 def test_work_units_cover_the_grid_with_one_test_set():
-    units = build_work_units(["sst2", "mr"], [1, 4], [0, 1], n_test=8, order_n_demos=4, n_permutations=3,
-                             model_variants=("pretrained", "random_init"))
+    units = build_work_units(
+        ["sst2", "mr"],
+        [1, 4],
+        [0, 1],
+        n_test=8,
+        order_n_demos=4,
+        n_permutations=3,
+        model_variants=("pretrained", "random_init"),
+    )
     sweeps = [u for u in units if u.kind == "sweep"]
     orders = [u for u in units if u.kind == "order"]
     assert len(sweeps) == 2 * 2 * 2 * 2 and len(orders) == 2 * 2

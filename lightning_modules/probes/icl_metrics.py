@@ -113,12 +113,16 @@ def sim_am(
     """
 
     def per_layer(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[float]:
-        return torch.stack([_rowwise_cosine(x, y).mean(-1) for x, y in zip(a, b, strict=True)]).mean(0).tolist()
+        return (
+            torch.stack([_rowwise_cosine(x, y).mean(-1) for x, y in zip(a, b, strict=True)]).mean(0).tolist()
+        )
 
     return {"icl_vs_ft": per_layer(icl_maps, ft_maps), "icl_vs_zs": per_layer(icl_maps, zs_maps)}
 
 
-def order_sensitivity(preds_per_order: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+def order_sensitivity(
+    preds_per_order: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> dict[str, float]:
     """Spread of accuracy and pairwise prediction disagreement across demonstration orders.
 
     Args:

@@ -178,7 +178,9 @@ def score_requests(
         for b, row in enumerate(batch):
             for r, c, pos, target in row.needs:
                 sl = logits[b, pos - prefix : pos - prefix + len(target)].float().log_softmax(-1)
-                loglik[r, c] = sl.gather(-1, torch.tensor(target, device=sl.device)[:, None]).double().sum().cpu()
+                loglik[r, c] = (
+                    sl.gather(-1, torch.tensor(target, device=sl.device)[:, None]).double().sum().cpu()
+                )
             if full_vocab and row.full_vocab_for is not None:
                 r = row.full_vocab_for
                 lp = logits[b, len(requests[r].context) - 1 - prefix].float().log_softmax(-1).cpu()

@@ -1,0 +1,149 @@
+"""A LightningModule around any Hugging Face causal LM: (continued) pretraining and evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_modules.model_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLMModule(L.LightningModule):
+    """Trains a causal LM on ``{"input_ids", "labels"}`` batches and reports loss and perplexity.
+
+    The model is built in ``__init__`` from the saved hyperparameters, so a checkpoint alone rebuilds
+    the module (``CausalLMModule.load_from_checkpoint(path)``).
+
+    Args:
+        model: Alias (``smollm2-135m-instruct``), Hub id, local directory or ``.gguf`` file.
+        model_config: Inline config for a randomly initialised model; used when ``model`` is None.
+        tokenizer: Tokenizer name; defaults to ``model``, or the offline byte tokenizer for inline configs.
+        learning_rate: Peak learning rate reached after warmup.
+        weight_decay: Decoupled weight decay; never applied to biases and norm weights.
+        betas: Adam betas. (0.9, 0.95) is the usual LLM choice.
+        warmup_steps: Linear warmup length in optimizer steps.
+        min_lr_ratio: Cosine schedule floor, as a fraction of ``learning_rate``.
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, CUDA only) to save optimizer memory.
+        seed: Seeds the initialisation of an inline-config model.
+    """
+
+    def __init__(
+        self,
+        model: str | None = "smollm2-135m-instruct",
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        optimizer: str = "adamw",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config=model_config, seed=seed)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes as found
+        tokenizer_name = tokenizer or (model if model is not None else BYTE_TOKENIZER)
+        self.tokenizer = load_tokenizer(tokenizer_name)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.model.config.vocab_size}: raise vocab_size in model_config or pick a matching tokenizer"
+            )
+        self.val_loss = MeanMetric()
+
+    @override
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, labels=labels, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/ppl", torch.exp(loss.detach()), batch_size=batch_size)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.val_loss.update(loss.detach(), weight=tokens)
+
+    def _compute_and_reset_loss(self) -> torch.Tensor:
+        # Token-weighted mean over every rank's batches (torchmetrics syncs across ranks).
+        loss = self.val_loss.compute()
+        # Evaluation runs under inference mode; fresh states made there could not be updated later in a
+        # fit's no-grad validation, so they are created outside it.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
+        return loss
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        loss = self._compute_and_reset_loss()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        loss = self._compute_and_reset_loss()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss))
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        kwargs = {"lr": self.hparams.learning_rate, "betas": tuple(self.hparams.betas)}
+        if self.hparams.optimizer == "adamw8bit":
+            if self.device.type != "cuda":
+                raise ValueError("optimizer 'adamw8bit' needs a CUDA device (bitsandbytes kernels): use 'adamw' on CPU")
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(self._parameter_groups(), **kwargs)
+        return torch.optim.AdamW(self._parameter_groups(), **kwargs)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = self._make_optimizer()
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        hp = self.hparams
+        scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

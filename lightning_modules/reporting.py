@@ -1,0 +1,110 @@
+"""Writing results safely and sending them to whatever logger the run has.
+
+Probes and callbacks share these so that every report is written atomically, lands in the run's own
+folder, and shows up in W&B when the run logs there, without each component special-casing loggers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a torn one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """Serialise ``obj`` as JSON (tensors and numpy scalars become numbers) and write it atomically."""
+
+    def default(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if hasattr(value, "tolist"):  # numpy arrays and scalars
+            return value.tolist()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())
+
+
+def _wandb_logger(trainer: Any) -> Any:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in getattr(trainer, "loggers", []) or []:
+        if isinstance(logger, WandbLogger):
+            return logger
+    return None
+
+
+def run_directory(trainer: Any) -> Path:
+    """The folder that belongs to this run: the W&B run folder, the logger's version folder, or the root."""
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is not None:
+        experiment = wandb_logger.experiment
+        directory = getattr(experiment, "dir", None)
+        if isinstance(directory, str) and directory:
+            return Path(directory)
+    logger = getattr(trainer, "logger", None)
+    for attribute in ("log_dir", "save_dir"):
+        value = getattr(logger, attribute, None) if logger is not None else None
+        if isinstance(value, str | os.PathLike) and value:
+            return Path(value)
+    return Path(trainer.default_root_dir)
+
+
+def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]]) -> Path | None:
+    """Keep a table of per-example records: a CSV in the run folder, and a W&B table when logging there.
+
+    Returns the CSV path on rank zero, None on the other ranks (which write nothing).
+    """
+    if not trainer.is_global_zero:
+        return None
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    path = run_directory(trainer) / f"{key.replace('/', '_')}.csv"
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is not None:
+        wandb_logger.log_table(key=key, columns=columns, data=rows)
+    return path
+
+
+def log_image(trainer: Any, key: str, png_path: str | os.PathLike[str]) -> None:
+    """Show a saved plot in W&B when the run logs there (the PNG itself stays on disk either way)."""
+    if not trainer.is_global_zero:
+        return
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is not None:
+        wandb_logger.log_image(key=key, images=[str(png_path)])
+
+
+def gather_objects(trainer: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank; ``[obj]`` when not distributed."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

@@ -137,16 +137,18 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
     Returns:
         ``(model, losses)``: the tuned copy in eval mode and the loss before every step.
     """
-    if not examples:
-        return copy.deepcopy(model).eval(), []
-    tuned = copy.deepcopy(model).eval()
-    train = set(trainable_parameters(tuned, cfg.params, cfg.kv_pattern))
-    for name, p in tuned.named_parameters():
-        p.requires_grad_(name in train)
-    opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=cfg.lr)
-    batches = [list(examples)] if cfg.mode == "full_batch" else [[e] for e in examples]
-    losses = []
-    with torch.enable_grad():
+    # Lightning runs test steps under inference_mode, which enable_grad alone does not lift; the copy
+    # must also be made outside it, or its parameters would be inference tensors autograd refuses.
+    with torch.inference_mode(False), torch.enable_grad():
+        tuned = copy.deepcopy(model).eval()
+        if not examples:
+            return tuned, []
+        train = set(trainable_parameters(tuned, cfg.params, cfg.kv_pattern))
+        for name, p in tuned.named_parameters():
+            p.requires_grad_(name in train)
+        opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=cfg.lr)
+        batches = [list(examples)] if cfg.mode == "full_batch" else [[e] for e in examples]
+        losses = []
         for _ in range(cfg.epochs):
             for batch in batches:
                 loss = demo_loss(tuned, batch, pad_id)
@@ -154,6 +156,6 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    for p in tuned.parameters():
-        p.requires_grad_(False)
+        for p in tuned.parameters():
+            p.requires_grad_(False)
     return tuned, losses

@@ -116,6 +116,13 @@ class ICLvsGDProbe(L.LightningModule):
         return self._random_lm
 
     @override
+    def transfer_batch_to_device(
+        self, batch: WorkUnit, device: torch.device, dataloader_idx: int
+    ) -> WorkUnit:
+        # A work unit is metadata (texts, indices); tensors are built on the model's device when scored.
+        return batch
+
+    @override
     def on_test_epoch_start(self) -> None:
         self._results = []
         self.opts.zero_shot_cache.clear()
@@ -125,6 +132,7 @@ class ICLvsGDProbe(L.LightningModule):
         start = time.perf_counter()
         result = run_unit(self._model_for(batch.model_variant), self.tokenizer, batch, self.gd, self.opts)
         result["seconds"] = time.perf_counter() - start
+        result["rank"] = self.global_rank
         self._results.append(json_safe(result))
         rank_zero_info(f"[icl_gd] {batch.uid}: {result['seconds']:.1f}s")
 

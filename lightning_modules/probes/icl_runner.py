@@ -16,7 +16,12 @@ from datamodules.icl_tasks import Example, ICLTask, WorkUnit
 from lightning_modules.probes import icl_metrics as M
 from lightning_modules.probes.icl_finetune import GDConfig, encode_demos, finetune_copy
 from lightning_modules.probes.icl_internals import capture
-from lightning_modules.probes.icl_scoring import ScoreResult, encode_requests, score_requests
+from lightning_modules.probes.icl_scoring import (
+    ScoreResult,
+    encode_requests,
+    leading_special_tokens,
+    score_requests,
+)
 
 
 @dataclass
@@ -151,23 +156,24 @@ def run_order_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOption
             )[0].loglik
         ),
     }
-    metrics, per_order = {}, {}
+    metrics, per_order, logliks = {}, {}, {}
     for name, fn in methods.items():
         scores = torch.stack([fn([unit.demos[i] for i in order]) for order in unit.orders])
         preds = scores.argmax(-1)
         metrics[name] = M.order_sensitivity(preds, labels, task.num_classes)
         metrics[name]["max_loglik_spread"] = M.max_logprob_spread(scores)
         per_order[name] = preds.tolist()
+        logliks[name] = scores.tolist()
     return {
         "metrics": metrics,
-        "records": [{"orders": unit.orders, "preds": per_order, "labels": labels.tolist()}],
+        "records": [
+            {"orders": unit.orders, "preds": per_order, "loglik": logliks, "labels": labels.tolist()}
+        ],
     }
 
 
 def _has_bos(tok, opts: ScoringOptions) -> bool:
-    if not opts.add_special_tokens:
-        return False
-    return len(tok.encode("a", add_special_tokens=True)) > len(tok.encode("a", add_special_tokens=False))
+    return bool(opts.add_special_tokens and leading_special_tokens(tok))
 
 
 def run_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOptions) -> dict:

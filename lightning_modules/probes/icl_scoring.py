@@ -45,6 +45,21 @@ class ScoreResult:
     next_token_logprobs: torch.Tensor | None
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+    """Ids the tokenizer adds in front of a text (a BOS), ignoring any it appends (ByT5's EOS).
+
+    A token appended after the context would sit between the context and the continuation, so only
+    leading special tokens are kept; for tokenizers that only prepend this is lm-eval's behaviour.
+    """
+    probe = "a"
+    with_special = tokenizer.encode(probe, add_special_tokens=True)
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
 def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool = True):
     """lm-evaluation-harness's context/continuation split for causal models."""
     if not context:
@@ -53,8 +68,9 @@ def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: 
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
-    ctx = tokenizer.encode(context, add_special_tokens=add_special_tokens)
+    lead = leading_special_tokens(tokenizer) if add_special_tokens else []
+    whole = lead + tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = lead + tokenizer.encode(context, add_special_tokens=False)
     cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context")

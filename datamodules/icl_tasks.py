@@ -311,6 +311,7 @@ def build_work_units(
     order_n_demos: int | None = None,
     n_permutations: int = 0,
     model_variants: Sequence[str] = ("pretrained",),
+    order_model_variants: Sequence[str] | None = None,
 ) -> list[WorkUnit]:
     """Every (task, N, seed, model variant) sweep unit plus one order unit per (task, variant).
 
@@ -339,7 +340,7 @@ def build_work_units(
                             [list(range(n))],
                         )
                     )
-            if n_permutations > 1 and order_n_demos:
+            if n_permutations > 1 and order_n_demos and variant in (order_model_variants or model_variants):
                 demos = sample_demos(pool, order_n_demos, task.num_classes, seeds[0])
                 units.append(
                     WorkUnit(
@@ -384,8 +385,10 @@ class ICLTaskDataModule(L.LightningDataModule):
         test_seed: Seed of the test split.
         order_n_demos: N of the order-sensitivity experiment (None or 0 disables it).
         n_permutations: Orders of that demonstration set (identity included).
-        random_init_control: Also run every unit on a randomly initialised model of the same
+        random_init_control: Also run every sweep unit on a randomly initialised model of the same
             architecture (Deutch et al.: similarity metrics need that baseline).
+        order_on_random_init: Also run the order experiment on the random-init model (costly: every
+            order fine-tunes twice).
     """
 
     def __init__(
@@ -398,6 +401,7 @@ class ICLTaskDataModule(L.LightningDataModule):
         order_n_demos: int | None = 4,
         n_permutations: int = 4,
         random_init_control: bool = True,
+        order_on_random_init: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -416,6 +420,7 @@ class ICLTaskDataModule(L.LightningDataModule):
             hp.order_n_demos,
             hp.n_permutations,
             variants,
+            variants if hp.order_on_random_init else ("pretrained",),
         )
 
     @override

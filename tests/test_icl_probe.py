@@ -62,6 +62,7 @@ def _data(**kw):
         order_n_demos=2,
         n_permutations=2,
         random_init_control=True,
+        order_on_random_init=True,
     )
     return ICLTaskDataModule(**(args | kw))
 

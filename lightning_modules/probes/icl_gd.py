@@ -52,6 +52,8 @@ class ICLvsGDProbe(L.LightningModule):
         von_oswald: Run the synthetic linear-self-attention-vs-GD control (rank zero, ~10-60 s CPU).
         von_oswald_steps: Training steps per LSA variant in that control.
         seed: Seed for the random baselines inside the metrics.
+        num_threads: torch CPU threads per process (None: torch's default). On CPUs shared with other
+            jobs, 1 thread can be several times faster than 2 fighting for the cores.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class ICLvsGDProbe(L.LightningModule):
         von_oswald: bool = True,
         von_oswald_steps: int = 600,
         seed: int = 0,
+        num_threads: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +93,8 @@ class ICLvsGDProbe(L.LightningModule):
         if self.lm is not None:
             return
         hp = self.hparams
+        if hp.num_threads:
+            torch.set_num_threads(hp.num_threads)
         self.lm = load_causal_lm(
             hp.model, model_config=hp.model_config, dtype=hp.dtype, quantization=hp.quantization, seed=hp.seed
         ).eval()

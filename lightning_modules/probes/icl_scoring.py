@@ -10,7 +10,9 @@ Speed comes from three things, none of which changes the result beyond float rou
   that row (single-token label words cost one row per request, not one per class);
 - rows are sorted by length and batched with right padding (no position shifts);
 - the longest token prefix shared by every row (the demonstrations, in ICL) is run once and its KV
-  cache is reused by every batch.
+  cache is reused by every batch;
+- the LM head and the softmax run only at positions that predict a continuation token
+  (``logits_to_keep``), not at every prompt position.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ def score_requests(
     rows = _plan_rows(requests)
     prefix = _common_prefix_len(rows, requests) if reuse_prefix else 0
     cache_kw = _cache_kwarg(model)
+    keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     prefix_cache = None
     if prefix >= min_prefix:
         out = model(input_ids=torch.tensor([rows[0].tokens[:prefix]], device=device), use_cache=True)
@@ -190,16 +193,24 @@ def score_requests(
             kwargs[cache_kw] = cache
             kwargs["position_ids"] = (torch.arange(width) + prefix).expand(len(batch), -1).to(device)
             kwargs["use_cache"] = True
+        # Only the positions that predict a continuation token go through the LM head.
+        keep = sorted({p - prefix + k for row in batch for _, _, p, t in row.needs for k in range(len(t))})
+        if keep_logits:
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
+            column = {p: i for i, p in enumerate(keep)}
+        else:
+            column = {p: p for p in keep}
         logits = model(**kwargs).logits
         for b, row in enumerate(batch):
             for r, c, pos, target in row.needs:
-                sl = logits[b, pos - prefix : pos - prefix + len(target)].float().log_softmax(-1)
+                cols = [column[pos - prefix + k] for k in range(len(target))]
+                sl = logits[b, cols].float().log_softmax(-1)
                 loglik[r, c] = (
                     sl.gather(-1, torch.tensor(target, device=sl.device)[:, None]).double().sum().cpu()
                 )
             if full_vocab and row.full_vocab_for is not None:
                 r = row.full_vocab_for
-                lp = logits[b, len(requests[r].context) - 1 - prefix].float().log_softmax(-1).cpu()
+                lp = logits[b, column[len(requests[r].context) - 1 - prefix]].float().log_softmax(-1).cpu()
                 if vocab_lp is None:
                     vocab_lp = torch.empty(len(requests), lp.numel(), dtype=torch.float32)
                 vocab_lp[r] = lp

@@ -49,7 +49,8 @@ def _probe(tiny_model_config):
         gd_epochs=2,
         batch_size=8,
         analysis_examples=2,
-        von_oswald=False,
+        von_oswald=True,
+        von_oswald_steps=20,
     )
 
 
@@ -96,6 +97,9 @@ def test_probe_writes_results_records_and_plots(tmp_path, tiny_model_config):
     for key in ("acc_zero_shot", "acc_icl", "acc_gd", "token_overlap", "rec2ftp", "sim_aou", "sim_am"):
         assert key in m
     assert {"label_cosine", "label_js", "vocab_cosine", "vocab_kl"} <= set(m["icl_vs_gd"])
+    control = res["von_oswald_control"]
+    assert set(control) == {"linear", "softmax", "linear_causal_2layer", "linear_2layer"}
+    assert all(0 <= v["prediction_diff"] and -1 <= v["model_cosine"] <= 1 for v in control.values())
     agg = res["aggregate"]
     assert set(agg["sweep"]) == {"pretrained", "random_init"}
     order = agg["order"]["pretrained"]["sst2"]

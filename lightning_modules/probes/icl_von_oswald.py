@@ -127,6 +127,12 @@ def run_control(
     Returns, per variant: query loss of the trained model and of GD (``steps`` = layers), the mean
     squared prediction difference, and the mean cosine between implied linear models.
     """
+    # Callers may sit in a Lightning test loop (inference mode); this control trains, so lift it.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _run_control(d, n, variants, train_steps, batch, lr, eval_tasks, seed)
+
+
+def _run_control(d, n, variants, train_steps, batch, lr, eval_tasks, seed) -> dict[str, dict[str, float]]:
     g = torch.Generator().manual_seed(seed)
     xe, ye, xqe, yqe = sample_tasks(eval_tasks, n, d, g)
     results: dict[str, dict[str, float]] = {}

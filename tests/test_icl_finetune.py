@@ -82,3 +82,11 @@ def test_config_validation_and_dai_preset():
     dai = GDConfig(preset="dai", lr=1e-3).resolved("sst2")
     assert (dai.mode, dai.params, dai.epochs, dai.lr) == ("sgd", "kv", 1, DAI_LEARNING_RATES["sst2"])
     assert GDConfig(preset="dai", lr=1e-3).resolved("trec").lr == 1e-3
+
+
+def test_quantized_weights_fail_clearly():
+    model, tok = tiny_llama(torch.float64), ByteTokenizer()
+    layer = model.model.layers[0].self_attn.k_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized"):
+        finetune_copy(model, encode_demos(tok, DEMOS), GDConfig(params="kv"))

@@ -144,6 +144,12 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
         if not examples:
             return tuned, []
         train = set(trainable_parameters(tuned, cfg.params, cfg.kv_pattern))
+        frozen_ints = [n for n, p in tuned.named_parameters() if n in train and not p.dtype.is_floating_point]
+        if frozen_ints:
+            raise ValueError(
+                f"GD cannot update quantized weights ({frozen_ints[0]} is {dict(tuned.named_parameters())[frozen_ints[0]].dtype}); "
+                "run the probe with quantization: null and dtype bfloat16/float32"
+            )
         for name, p in tuned.named_parameters():
             p.requires_grad_(name in train)
         opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=cfg.lr)

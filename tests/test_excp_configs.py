@@ -64,26 +64,10 @@ def test_tiny_config_runs_and_reports_the_ratio(tmp_path, capsys):
     last = tmp_path / "ckpts" / "last.ckpt"
     assert is_excp_file(last)
 
-    # the documented resume, `train.py fit --ckpt_path <compressed checkpoint>`: LightningCLI torch.loads
-    # the path for hyperparameters before building the model, so the CLI reads it under
-    # read_excp_checkpoints (the override below is the one train.py's LumenCLI needs)
-    class CLI(train.LumenCLI):
-        def _parse_ckpt_path(self) -> None:
-            with read_excp_checkpoints():
-                super()._parse_ckpt_path()
-
-    from lightning.pytorch import LightningDataModule, LightningModule
-
+    # the documented resume, `train.py fit --ckpt_path <compressed checkpoint>`, through train.py's own CLI
+    # (LightningCLI torch.loads the path for hyperparameters before building the model)
     args = ["fit", "--config", str(path), "--ckpt_path", str(last), "--trainer.max_steps=6"]
-    cli = CLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-    )
+    cli = train.build_cli(args)
     assert cli.trainer.global_step == 6
     assert load_checkpoint(last)["global_step"] == 6
     # and load_from_checkpoint reads ExCP files the same way

@@ -23,15 +23,6 @@ from callbacks.excp.quantize import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_codec_modules_do_not_import_lightning():
     import subprocess
 

@@ -7,15 +7,6 @@ from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig, 
 from lightning_modules.probes.icl_scoring import encode_requests, score_requests
 from tests.test_icl_scoring import ByteTokenizer, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 DEMOS = [
     ("Input: great fun\nLabel:", " yes"),
     ("Input: dull plot\nLabel:", " no"),

@@ -20,14 +20,6 @@ def test_shipped_configs_parse_and_instantiate(path):
     assert cli.model.lm is None  # the model is loaded in setup, on every rank, not at parse time
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many times slower when two OpenMP threads fight other jobs for 2 shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Short reviews keep the byte-level prompts short; the declaration is the shipped sst2 one otherwise.
 SHORT_SST2 = {

@@ -12,15 +12,6 @@ from lightning_modules.probes.icl_scoring import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 50x slower when two OpenMP threads fight other jobs for 2 shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ByteTokenizer:
     """Bytes + 3, with an optional BOS (id 1): enough to exercise the lm-eval split rules."""
 

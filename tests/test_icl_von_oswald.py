@@ -6,14 +6,6 @@ import torch
 from lightning_modules.probes import icl_von_oswald as V
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(d=3, n=10, batch=64):
     return V.sample_tasks(batch, n, d, torch.Generator().manual_seed(1))
 

@@ -29,6 +29,13 @@ SHOW_TRACEBACK = "LUMENLM_TRACEBACK"
 class LumenCLI(LightningCLI):
     """LightningCLI that ends a fit with a short summary of where everything went."""
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI ``torch.load``s ``--ckpt_path`` for its hyperparameters: let it read ExCP files too."""
+        from callbacks.excp import read_excp_checkpoints
+
+        with read_excp_checkpoints():
+            super()._parse_ckpt_path()
+
     def after_fit(self) -> None:
         self._print_summary()
 

@@ -81,7 +81,7 @@ class Record(L.Callback):
         from lightning_modules.reporting import gather_objects
         everything = gather_objects(trainer, module.seen)
         if trainer.is_global_zero:
-            print("SEEN" + json.dumps(everything))
+            print("SEEN" + json.dumps(everything), flush=True)
 
 L.seed_everything(0)
 corpus = sys.argv[1]
@@ -89,7 +89,7 @@ module = CausalLMModule(model=None, model_config=TINY_LLAMA_CONFIG)
 data = TextDataModule(source=corpus, block_size=16, batch_size=2, val_fraction=0.0)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                    limit_val_batches=0)
+                    limit_val_batches=0, callbacks=[Record()])
 trainer.fit(module, datamodule=data)
 """
 
@@ -103,7 +103,8 @@ def test_ddp_ranks_get_different_data(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(script), str(corpus)], capture_output=True, text=True, cwd=tmp_path,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("SEEN"))
+    line = next((line for line in result.stdout.splitlines() if line.startswith("SEEN")), None)
+    assert line is not None, result.stdout[-2000:] + result.stderr[-3000:]
     import json
 
     rank0, rank1 = json.loads(line[4:])

@@ -1,0 +1,238 @@
+"""The user-facing ExCP callback: one line in ``Trainer(callbacks=[...])`` compresses every checkpoint."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from callbacks.excp.chain import REFS_DIR
+from callbacks.excp.checkpoint_io import ExCPCheckpointIO
+from callbacks.excp.codec import ExCPSettings
+from callbacks.excp.fileformat import is_excp_file
+
+# Strategies that save or load without going through the strategy's CheckpointIO.
+_BYPASSING = {
+    "DeepSpeedStrategy": "DeepSpeed writes its own sharded checkpoint files",
+    "FSDPStrategy": "FSDP saves sharded checkpoints and loads full ones without the CheckpointIO",
+    "ModelParallelStrategy": "ModelParallelStrategy writes distributed (sharded) checkpoints",
+    "XLAStrategy": "XLA saves through its own xm.save path",
+}
+_LOGGED = (
+    "ratio",
+    "bits_per_param_w",
+    "bits_per_param_m",
+    "bits_per_param_v",
+    "sparsity_w",
+    "sparsity_m",
+    "encode_s",
+    "keyframe",
+    "twin",
+)
+
+
+class ExCP(Callback):
+    """Extreme checkpoint compression (ExCP, ICML 2024) for every checkpoint the Trainer writes.
+
+    At ``setup`` it installs an :class:`ExCPCheckpointIO` on the strategy, so checkpoints written by
+    ``ModelCheckpoint`` (any ``every_n_train_steps``/``save_top_k``/``save_last``/``monitor``) or
+    ``trainer.save_checkpoint`` become ExCP files, and ``trainer.fit(ckpt_path=<ExCP file>)``
+    resumes through the chain (Lightning restores checkpoints after callbacks' setup). Resuming
+    starts a new chain with a keyframe. Deltas are lossy by design: weights and Adam moments are
+    pruned and quantized; everything else (steps, schedulers, loops, RNG, ...) is exact.
+
+    Args:
+        bits_w: bits per code for weight residuals (``2**bits - 1`` k-means centroids + "pruned").
+        bits_m: bits per code for Adam's first moment / SGD momentum.
+        bits_v: bits per code for Adam's second moment.
+        alpha: weight-pruning scale: keep ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))``.
+        beta: momentum pruning: keep ``|m| > beta * mean(|m|)`` where the weight survived.
+        cap: upper bound of the weight-pruning factor.
+        keyframe_interval: a lossless keyframe every this many checkpoints; longer chains are
+            smaller but a resume replays (and needs on disk) up to this many files.
+        quantizer: ``"kmeans"`` (the method) or ``"uniform"``.
+        v_log_domain: fit v's codebook in the log domain (v spans decades).
+        momentum_criterion: False prunes m with the weight mask only (ablation).
+        residual: False codes weights instead of residuals (ablation; destroys the model).
+        kmeans_sample: fit each codebook on at most this many values.
+        zstd_level: zstd level of the quantized index streams (keyframes use level 1 per byte plane).
+        threads: tensors encoded in parallel.
+        seed: seed of the k-means sampling.
+        log_stats: log ``excp/ratio``, ``excp/bits_per_param_{w,m,v}``, ``excp/sparsity_{w,m}``,
+            ``excp/encode_s`` and ``excp/keyframe`` to the Trainer's loggers after each save.
+        upload_artifacts: at the end of ``fit``, upload the compressed checkpoints (with the chain
+            files they need) as one W&B artifact when a ``WandbLogger`` is attached.
+        print_summary: print where the checkpoints are and the ratio achieved at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        bits_w: int = 4,
+        bits_m: int = 4,
+        bits_v: int = 4,
+        alpha: float = 5e-5,
+        beta: float = 2.0,
+        cap: float = 2.5,
+        keyframe_interval: int = 10,
+        quantizer: str = "kmeans",
+        v_log_domain: bool = True,
+        momentum_criterion: bool = True,
+        residual: bool = True,
+        kmeans_sample: int = 65536,
+        zstd_level: int = 3,
+        threads: int = 1,
+        seed: int = 0,
+        log_stats: bool = True,
+        upload_artifacts: bool = False,
+        print_summary: bool = True,
+    ) -> None:
+        super().__init__()
+        self.settings = ExCPSettings(
+            bits_w=bits_w,
+            bits_m=bits_m,
+            bits_v=bits_v,
+            alpha=alpha,
+            beta=beta,
+            cap=cap,
+            keyframe_interval=keyframe_interval,
+            quantizer=quantizer,
+            v_log_domain=v_log_domain,
+            momentum_criterion=momentum_criterion,
+            residual=residual,
+            kmeans_sample=kmeans_sample,
+            zstd_level=zstd_level,
+            threads=threads,
+            seed=seed,
+        )
+        self.log_stats = log_stats
+        self.upload_artifacts = upload_artifacts
+        self.print_summary = print_summary
+        self.history: list[dict[str, Any]] = []
+        self._trainer: pl.Trainer | None = None
+        self._io: ExCPCheckpointIO | None = None
+
+    @property
+    def checkpoint_io(self) -> ExCPCheckpointIO | None:
+        """The installed CheckpointIO (None before ``setup``)."""
+        return self._io
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        for cls in type(strategy).__mro__:
+            if cls.__name__ in _BYPASSING:
+                raise ValueError(
+                    f"ExCP cannot compress checkpoints under {type(strategy).__name__}: {_BYPASSING[cls.__name__]}, "
+                    "bypassing the CheckpointIO. Use strategy='ddp' or a single device, or remove the ExCP callback."
+                )
+        current = getattr(strategy, "_checkpoint_io", None)
+        if isinstance(current, ExCPCheckpointIO):
+            self._io = current
+        elif current is None or type(current) is TorchCheckpointIO:
+            self._io = ExCPCheckpointIO(self.settings, names=self._names, on_save=self._on_save)
+            strategy.checkpoint_io = self._io
+        else:
+            raise ValueError(
+                f"ExCP replaces the Trainer's CheckpointIO, but {type(current).__name__} is already installed. "
+                "Remove that plugin or the ExCP callback."
+            )
+        self._trainer = trainer
+
+    def _names(self) -> tuple[set[str], list[list[str | None]]]:
+        trainer = self._trainer
+        assert trainer is not None
+        module = trainer.lightning_module
+        named = list(module.named_parameters(remove_duplicate=False))
+        id2name: dict[int, str] = {}
+        for n, p in named:
+            id2name.setdefault(id(p), n)
+        opt_names = [
+            [id2name.get(id(p)) for g in opt.param_groups for p in g["params"]] for opt in trainer.optimizers
+        ]
+        return {n for n, _ in named}, opt_names
+
+    def _on_save(self, path: Path, stats: dict[str, float]) -> None:
+        trainer = self._trainer
+        step = trainer.global_step if trainer is not None else 0
+        self.history.append({"path": str(path), "step": step, **stats})
+        if self.log_stats and trainer is not None:
+            metrics = {f"excp/{k}": float(stats[k]) for k in _LOGGED}
+            metrics["excp/file_mb"] = stats["file_bytes"] / 2**20
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregate of this process's saves: counts, sizes and the median delta ratio."""
+        deltas = [h for h in self.history if not h["keyframe"] and not h.get("twin")]
+        return {
+            "checkpoints": len(self.history),
+            "keyframes": sum(1 for h in self.history if h["keyframe"]),
+            "deltas": len(deltas),
+            "twins": sum(1 for h in self.history if h.get("twin")),
+            "compressed_bytes": sum(h["file_bytes"] for h in self.history),
+            "raw_wmv_bytes": sum(h["raw_wmv_bytes"] for h in self.history),
+            "delta_ratio_median": statistics.median(h["ratio"] for h in deltas) if deltas else None,
+            "overall_ratio": (
+                sum(h["raw_wmv_bytes"] for h in self.history) / sum(h["file_bytes"] for h in self.history)
+                if self.history
+                else None
+            ),
+            "directories": sorted({str(Path(h["path"]).parent) for h in self.history}),
+        }
+
+    def run_summary(self) -> list[str]:
+        """Lines for the CLI's end-of-run summary (ratio achieved and where the checkpoints are)."""
+        return [_summary_line(self.summary())] if self.history else ["ExCP: no checkpoint was written"]
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        s = self.summary()
+        if self.print_summary:
+            _print_summary(s)
+        if self.upload_artifacts:
+            self._upload(trainer, s)
+
+    @rank_zero_only
+    def _upload(self, trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        import wandb
+
+        run = loggers[0].experiment
+        art = wandb.Artifact(f"excp-checkpoints-{run.id}", type="model", metadata=summary)
+        for d in summary["directories"]:
+            d = Path(d)
+            for f in sorted(d.iterdir()):
+                if f.is_file() and is_excp_file(f):
+                    art.add_file(str(f), name=f.name)
+            if (d / REFS_DIR).is_dir():
+                art.add_dir(str(d / REFS_DIR), name=REFS_DIR)
+        run.log_artifact(art)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print(_summary_line(s), flush=True)
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    dirs = ", ".join(s["directories"])
+    mb = s["compressed_bytes"] / 2**20
+    raw = s["raw_wmv_bytes"] / 2**20
+    line = (
+        f"ExCP: {s['checkpoints']} checkpoint(s) ({s['keyframes']} keyframe, {s['deltas']} delta, "
+        f"{s['twins']} same-step twin) in {dirs}: "
+    )
+    line += f"{mb:.2f} MB vs {raw:.2f} MB raw fp32 W+m+v ({s['overall_ratio']:.1f}x overall"
+    if s["delta_ratio_median"] is not None:
+        line += f", median delta {s['delta_ratio_median']:.1f}x"
+    return line + ")"

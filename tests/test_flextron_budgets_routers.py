@@ -24,7 +24,7 @@ from lightning_modules.flextron.routers import (
     sample_choices,
     widths_to_masks,
 )
-from tests.flextron_helpers import one_thread, tiny_llama  # noqa: F401  (autouse fixture)
+from tests.flextron_helpers import tiny_llama
 
 
 def test_param_table_counts_real_parameters():

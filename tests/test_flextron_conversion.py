@@ -18,7 +18,6 @@ from lightning_modules.flextron import (
 )
 from tests.flextron_helpers import (
     calib_batches,
-    one_thread,  # noqa: F401  (autouse fixture)
     tiny_llama,
     tiny_neox,
 )

@@ -14,7 +14,6 @@ from lightning_modules.flextron.elastic import WidthSpace
 from lightning_modules.flextron.export import export_subnetwork
 from tests.flextron_helpers import (
     calib_batches,
-    one_thread,  # noqa: F401  (autouse fixture)
     tiny_llama,
     tiny_neox,
 )

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from lightning_modules.flextron.module import FlextronModule
 from tests.conftest import parse_config
-from tests.flextron_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 TINY = "configs/flextron/tiny.yaml"
 

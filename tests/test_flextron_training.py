@@ -109,3 +109,19 @@ def test_ddp_two_process_fit(tmp_path, cpu_trainer_kwargs):
     trainer = L.Trainer(**kwargs, max_steps=6, limit_val_batches=1, val_check_interval=3, callbacks=[_RanksAgree()])
     trainer.fit(cli.model, cli.datamodule)
     assert trainer.state.finished
+
+
+@pytest.mark.parametrize(("update", "threshold", "moves"), [("surrogate", 0.0, False), ("direct", 0.05, True)])
+def test_router_learns_only_when_allowed(tmp_path, update, threshold, moves):
+    """Surrogate mode leaves the router untouched until the surrogate is accurate (threshold 0: never);
+    direct mode updates it from the first routed step."""
+    cli = parse_config(TINY, overrides=[f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                                        "--trainer.enable_checkpointing=false", "--trainer.max_steps=4",
+                                        "--trainer.limit_val_batches=0", "--model.init_args.elastic_steps=0",
+                                        f"--model.init_args.router_update={update}",
+                                        f"--model.init_args.surrogate_threshold={threshold}",
+                                        "--trainer.enable_progress_bar=false"])
+    before = [p.detach().clone() for p in cli.model.router.parameters()]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, cli.model.router.parameters(), strict=True))
+    assert changed is moves

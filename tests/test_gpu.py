@@ -1,0 +1,78 @@
+"""Checks that need CUDA: FSDP, DeepSpeed, bitsandbytes kernels. Deselected by default.
+
+Run them on a GPU machine with ``pytest -m gpu`` (DeepSpeed needs ``pip install -e '.[gpu]'``). Each
+test fails, rather than skips, when CUDA is missing: a GPU run that silently tested nothing would lie.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, parse_config
+
+pytestmark = pytest.mark.gpu
+
+TINY = [
+    "--model.init_args.model=null",
+    "--model.init_args.model_config={model_type: llama, vocab_size: 384, hidden_size: 64, intermediate_size: 128, "
+    "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}",
+    "--data.init_args.max_tokens=20000",
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.devices=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda() -> None:
+    assert torch.cuda.is_available(), "these checks need a CUDA GPU: run them with `pytest -m gpu` on one"
+
+
+def _fit(tmp_path: Path, *configs: str, extra: list[str] | None = None) -> L.Trainer:
+    overrides = [*TINY, f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+                 f"--trainer.callbacks.dirpath={tmp_path}/ckpt", *(extra or [])]
+    cli = parse_config("configs/quickstart.yaml", *configs, overrides=overrides)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.trainer
+
+
+def test_fsdp_fit_bf16(tmp_path: Path) -> None:
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "configs/quickstart.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "excp" not in c["class_path"]]
+    path = tmp_path / "no_excp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer = _fit(tmp_path, str(path), "configs/trainer/fsdp.yaml")
+    assert trainer.global_step == 4
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/loss"])))
+
+
+def test_deepspeed_fit_and_excp_refuses_it(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is the `gpu` extra: pip install -e '.[gpu]'")
+    with pytest.raises(ValueError, match="ExCP cannot compress checkpoints under DeepSpeedStrategy"):
+        _fit(tmp_path, "configs/trainer/deepspeed.yaml")
+
+
+def test_adamw8bit_trains_on_cuda(tmp_path: Path) -> None:
+    trainer = _fit(tmp_path, extra=["--trainer.accelerator=gpu", "--model.init_args.optimizer=adamw8bit"])
+    assert trainer.global_step == 4
+    assert type(trainer.optimizers[0]).__name__ == "AdamW8bit"
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_smollm2_still_knows_paris(quantization: str) -> None:
+    from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm("smollm2-135m-instruct", quantization=quantization, dtype="bfloat16")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        next_token = model(input_ids=ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode([next_token]).strip() == "Paris"

@@ -93,3 +93,20 @@ def test_unknown_hub_id_offline_names_the_alternative(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="smollm2-135m-instruct"):
         load_causal_lm("no-such-org/no-such-model-xyz")
+
+
+def test_train_ppl_is_logged_on_logging_steps(tmp_path: Path, tiny_model_config, cpu_trainer_kwargs) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(model=None, model_config=tiny_model_config)
+    data = TextDataModule(source=str(_corpus(tmp_path)), block_size=32, batch_size=4, val_fraction=0.1)
+    logger = CSVLogger(tmp_path, name="csv")
+    kwargs = {**cpu_trainer_kwargs, "logger": logger}
+    L.Trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=0, **kwargs).fit(module, datamodule=data)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = [row for row in rows if row.get("train/ppl")]
+    assert [int(row["step"]) for row in logged] == [1, 3]
+    for row in logged:
+        assert float(row["train/ppl"]) == pytest.approx(torch.exp(torch.tensor(float(row["train/loss"]))).item(), rel=1e-4)

@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# relative rounding tolerance on the budget: cost tables are stored in float32 (checkpoints), so the
+# full cost and a sum over the table's entries may differ in the 7th digit
+RTOL = 1e-6
+
 
 class BudgetUnreachableError(ValueError):
     """The requested budget is below the cost of the narrowest width everywhere."""
@@ -60,7 +64,8 @@ def constrained_choices(mlp_logp: Tensor, attn_logp: Tensor, fixed: float, mlp_c
         mlp_logp, attn_logp: ``[L, K]`` log-probabilities (or logits: only differences within a row
             matter after ``log_softmax``, which is applied here).
         fixed, mlp_cost, attn_cost: the additive cost table (``[L, K]`` each, nonnegative).
-        limit: the largest allowed total cost (``budget * full``).
+        limit: the largest allowed total cost (``budget * full``; exceeded by at most ``RTOL``
+            relative, for rounding).
         slack: compete only among solutions costing at least ``(1 - slack)`` times the largest
             reachable cost under ``limit``; in [0, 1].
         resolution: cost buckets between 0 and ``limit`` (more: closer to exact, slower).
@@ -77,7 +82,7 @@ def constrained_choices(mlp_logp: Tensor, attn_logp: Tensor, fixed: float, mlp_c
     groups_lp = _interleave(torch.log_softmax(mlp_logp.double(), -1), torch.log_softmax(attn_logp.double(), -1))
     groups_c = _interleave(mlp_cost.double(), attn_cost.double())
     floor = min_cost(fixed, mlp_cost.double(), attn_cost.double())
-    if floor > limit * (1 + 1e-12):
+    if floor > limit * (1 + RTOL):
         if not clamp:
             raise BudgetUnreachableError(
                 f"cost limit {limit:.6g} is below the narrowest sub-network's cost {floor:.6g}: raise the budget "
@@ -90,7 +95,7 @@ def constrained_choices(mlp_logp: Tensor, attn_logp: Tensor, fixed: float, mlp_c
     lp = np.zeros(1)
     cost = np.zeros(1)
     back: list[tuple[np.ndarray, np.ndarray]] = []
-    budget_left = limit - fixed + 1e-12 * max(1.0, abs(limit))
+    budget_left = limit * (1 + RTOL) - fixed
     for g_lp, g_c in zip(groups_lp, groups_c, strict=True):
         g_lp, g_c = g_lp.numpy(), g_c.numpy()
         cand_lp = (lp[:, None] + g_lp[None, :]).ravel()
@@ -105,7 +110,7 @@ def constrained_choices(mlp_logp: Tensor, attn_logp: Tensor, fixed: float, mlp_c
         lp, cost = cand_lp[keep], cand_cost[keep]
         back.append(np.divmod(keep, len(g_lp)))
     best_total = float(cost.max()) + fixed
-    lowest = (1 - slack) * best_total - 1e-12 * max(1.0, abs(best_total))
+    lowest = (1 - slack) * best_total - RTOL * abs(best_total)
     window = np.flatnonzero(cost + fixed >= lowest)
     state = int(window[np.argmax(lp[window])])
     idx = []

@@ -37,7 +37,7 @@ from lightning_modules.causal_lm import warmup_cosine
 from lightning_modules.model_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 
 from .budgets import METRICS, CostTable, cost_table
-from .constrained import constrained_choices, min_cost
+from .constrained import RTOL, constrained_choices, min_cost
 from .elastic import ElasticLM, SubnetConfig, WidthSpace
 from .importance import activation_importance, sort_by_importance
 from .losses import LOSSES, lm_loss, task_loss
@@ -301,7 +301,7 @@ class FlextronModule(L.LightningModule):
     def is_reachable(self, budget: float) -> bool:
         """Whether some sub-network costs at most ``budget`` times the full cost."""
         c = self.cost
-        return min_cost(c.fixed, c.mlp, c.attn) <= budget * c.full * (1 + 1e-12)
+        return min_cost(c.fixed, c.mlp, c.attn) <= budget * c.full * (1 + RTOL)
 
     def realized(self, cfg: SubnetConfig) -> float:
         """Cost of ``cfg`` as a fraction of the full model's."""

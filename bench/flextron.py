@@ -222,7 +222,7 @@ def plot(rows: list[dict], path: Path, workload: str) -> None:
     axes[1].set_xlabel("requested latency budget")
     axes[1].set_ylabel("realized / full")
     axes[1].legend()
-    axes[1].set_title("Flextron static router (constrained decode): realized vs requested")
+    axes[1].set_title("static router, constrained decode: realized vs requested", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

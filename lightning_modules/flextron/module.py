@@ -186,6 +186,7 @@ class FlextronModule(L.LightningModule):
         self.cost: CostTable | None = None
         self.converted = False
         self._teacher: list[nn.Module] = []  # a list keeps the frozen copy out of state_dict / DDP
+        self._val_subnets: dict[float, SubnetConfig] = {}  # static routing, fixed within a validation epoch
         # ModuleDict keys cannot hold ".": budget 0.5 is stored as "b0_5"
         self.val_losses = nn.ModuleDict({"full": MeanMetric(), **{_mkey(b): MeanMetric() for b in self.budgets}})
 
@@ -412,6 +413,13 @@ class FlextronModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     @override
+    def on_validation_epoch_start(self) -> None:
+        # the constrained decode takes up to ~1 s per budget at 30 layers: once per epoch, not per batch
+        self._val_subnets = {}
+        if isinstance(self.router, StaticRouter) and self.cost is not None:
+            self._val_subnets = {b: self.subnet_for_budget(b, clamp=True) for b in self.budgets}
+
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         ids, labels = batch["input_ids"], batch["labels"]
         tokens = (labels[:, 1:] != -100).sum()
@@ -420,7 +428,8 @@ class FlextronModule(L.LightningModule):
         self.val_losses["full"].update(full, weight=tokens)
         for b in self.budgets:
             if isinstance(self.router, StaticRouter):
-                with self.elastic.subnet(self.subnet_for_budget(b, clamp=True)):
+                sub = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
+                with self.elastic.subnet(sub):
                     loss = lm_loss(self.model(input_ids=ids, use_cache=False).logits, labels)
             else:
                 lm_, la_ = self.router_logits(b, ids)
@@ -448,6 +457,7 @@ class FlextronModule(L.LightningModule):
             self.log(name.replace("loss", "ppl"), torch.exp(loss))
         if isinstance(self.router, StaticRouter) and self.cost is not None:
             self._report_widths()
+        self._val_subnets = {}  # the routers train on: never reuse these choices
 
     def _report_widths(self) -> None:
         from lightning_modules.reporting import log_image, log_table, run_directory
@@ -455,7 +465,7 @@ class FlextronModule(L.LightningModule):
         rows, grid_m, grid_a = [], [], []
         for b in self.budgets:
             # an unreachable trained budget (warned about at setup) reports the narrowest sub-network
-            cfg = self.subnet_for_budget(b, clamp=True)
+            cfg = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
             real = self.realized(cfg)
             self.log(f"val/realized_b{_key(b)}", real)
             self.log(f"val/budget_error_b{_key(b)}", abs(real / b - 1))

@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--budget", type=float, help="fraction of the full cost, inside the trained range (static router)")
     pick.add_argument("--subnet", help='a fixed routing as JSON, e.g. \'{"mlp": [384, 768], "attn": [1, 2]}\' '
                       "(widths in neurons / KV groups per layer; optional \"skip\"): for dynamic routers or by hand")
+    ex.add_argument("--routing", choices=("constrained", "argmax"), default=None,
+                    help="with --budget: most probable widths within the budget (constrained) or each layer's argmax, "
+                         "which can overshoot (default: the checkpoint's routing setting)")
+    ex.add_argument("--clamp", action="store_true",
+                    help="with --budget below the narrowest sub-network: export the narrowest one instead of failing")
     ex.add_argument("--out", required=True, help="output folder (created; replaced if it is an earlier export)")
     args = parser.parse_args(argv)
 
@@ -50,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
             module.elastic.set_subnet(cfg)  # validates widths against the model
             module.elastic.set_subnet(None)
         else:
-            cfg = module.subnet_for_budget(args.budget)
+            if args.clamp and not module.is_reachable(args.budget):
+                print(f"warning: budget {args.budget} is below the narrowest sub-network; exporting that one "
+                      "(realized budget below)", file=sys.stderr)
+            cfg = module.subnet_for_budget(args.budget, routing=args.routing, clamp=args.clamp)
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     tokens = torch.randint(0, module.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     report = export_subnetwork(module.elastic, cfg, args.out, probe_ids=tokens, extra={
         "budget_requested": args.budget, "budget_metric": module.hparams.budget_metric,
+        "routing": None if args.budget is None else (args.routing or module.hparams.get("routing", "constrained")),
         "budget_realized": _realized(module, cfg), "checkpoint": str(ckpt)})
     if module.tokenizer is not None and hasattr(module.tokenizer, "save_pretrained"):
         try:

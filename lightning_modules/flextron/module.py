@@ -37,6 +37,7 @@ from lightning_modules.causal_lm import warmup_cosine
 from lightning_modules.model_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 
 from .budgets import METRICS, CostTable, cost_table
+from .constrained import RTOL, constrained_choices, min_cost
 from .elastic import ElasticLM, SubnetConfig, WidthSpace
 from .importance import activation_importance, sort_by_importance
 from .losses import LOSSES, lm_loss, task_loss
@@ -52,6 +53,7 @@ from .routers import (
 )
 
 ROUTERS = ("static", "dynamic")
+ROUTINGS = ("constrained", "argmax")
 UPDATES = ("direct", "surrogate")
 
 
@@ -94,6 +96,13 @@ class FlextronModule(L.LightningModule):
             stage length as estimated from the trainer).
         calibration_batches: training batches scored for importance (0: keep the original order).
         latency_seq_len, latency_reps: workload of the latency table.
+        routing: how the static router's fixed sub-network for a budget is chosen at inference
+            (validation ``val/realized_b*``, export): ``constrained`` (most probable widths whose cost
+            stays within the budget, see :mod:`.constrained`) or ``argmax`` (each layer's argmax,
+            which can overshoot the budget).
+        routing_slack: constrained routing only: the chosen cost is at least ``1 - routing_slack``
+            times the largest cost reachable under the budget (0: fill the budget as far as the widths
+            allow; 1: most probable widths under the budget, however cheap).
         learning_rate, router_lr: peak LR of the LLM (warmup + cosine) and LR of routers/surrogate.
         weight_decay, warmup_steps, min_lr_ratio, grad_clip: LLM optimizer settings.
         seed: seeds the parent init (inline configs) and the per-step budget sampling.
@@ -129,6 +138,8 @@ class FlextronModule(L.LightningModule):
         calibration_batches: int = 8,
         latency_seq_len: int = 128,
         latency_reps: int = 5,
+        routing: str = "constrained",
+        routing_slack: float = 0.03,
         learning_rate: float = 1e-4,
         router_lr: float = 1e-2,
         weight_decay: float = 0.0,
@@ -147,6 +158,10 @@ class FlextronModule(L.LightningModule):
         if router == "dynamic" and router_update == "surrogate":
             raise ValueError("the loss surrogate scores one width choice per batch: use router_update='direct' "
                              "with router='dynamic'")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if not 0.0 <= routing_slack <= 1.0:
+            raise ValueError(f"routing_slack must be in [0, 1], got {routing_slack}")
         if elastic_sampling not in ("per_layer", "uniform"):
             raise ValueError(f"elastic_sampling must be 'per_layer' or 'uniform', got {elastic_sampling!r}")
         if not 0.0 <= full_prob <= 1.0:
@@ -171,6 +186,7 @@ class FlextronModule(L.LightningModule):
         self.cost: CostTable | None = None
         self.converted = False
         self._teacher: list[nn.Module] = []  # a list keeps the frozen copy out of state_dict / DDP
+        self._val_subnets: dict[float, SubnetConfig] = {}  # static routing, fixed within a validation epoch
         # ModuleDict keys cannot hold ".": budget 0.5 is stored as "b0_5"
         self.val_losses = nn.ModuleDict({"full": MeanMetric(), **{_mkey(b): MeanMetric() for b in self.budgets}})
 
@@ -218,7 +234,7 @@ class FlextronModule(L.LightningModule):
         if low:
             rank_zero_warn(
                 f"budgets {low} are below the smallest reachable {self.hparams.budget_metric} fraction {floor:.3f} "
-                "(narrowest width everywhere): those sub-networks will overshoot; add narrower mlp_ratios/attn_ratios "
+                "(narrowest width everywhere): validation reports the narrowest sub-network for them; add narrower mlp_ratios/attn_ratios "
                 "or raise the budgets"
             )
 
@@ -258,12 +274,35 @@ class FlextronModule(L.LightningModule):
         return self.router(emb.detach(), budget)
 
     @torch.no_grad()
-    def subnet_for_budget(self, budget: float) -> SubnetConfig:
-        """The static router's argmax sub-network for ``budget`` (inside the trained range)."""
+    def subnet_for_budget(self, budget: float, routing: str | None = None, clamp: bool = False) -> SubnetConfig:
+        """The static router's sub-network for ``budget`` (inside the trained range).
+
+        Args:
+            budget: fraction of the full cost.
+            routing: ``constrained`` or ``argmax`` (None: the ``routing`` hyperparameter).
+            clamp: constrained routing only: for a budget below the narrowest sub-network, return the
+                narrowest one (see :meth:`is_reachable`) instead of raising
+                :class:`~.constrained.BudgetUnreachableError`.
+        """
         if not isinstance(self.router, StaticRouter):
             raise ValueError("a fixed sub-network per budget needs the static router (the dynamic one routes per input)")
+        routing = routing or self.hparams.get("routing", "constrained")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         lm, la = self.router(budget)
-        return SubnetConfig.from_choices(self.space, lm.argmax(-1).tolist(), la.argmax(-1).tolist())
+        if routing == "argmax":
+            return SubnetConfig.from_choices(self.space, lm.argmax(-1).tolist(), la.argmax(-1).tolist())
+        if self.cost is None:
+            raise ValueError("constrained routing needs the cost table: call setup() or load a checkpoint first")
+        c = self.cost
+        d = constrained_choices(lm.float().cpu(), la.float().cpu(), c.fixed, c.mlp, c.attn, budget * c.full,
+                                slack=self.hparams.get("routing_slack", 0.03), clamp=clamp)
+        return SubnetConfig.from_choices(self.space, d.mlp, d.attn)
+
+    def is_reachable(self, budget: float) -> bool:
+        """Whether some sub-network costs at most ``budget`` times the full cost."""
+        c = self.cost
+        return min_cost(c.fixed, c.mlp, c.attn) <= budget * c.full * (1 + RTOL)
 
     def realized(self, cfg: SubnetConfig) -> float:
         """Cost of ``cfg`` as a fraction of the full model's."""
@@ -374,6 +413,13 @@ class FlextronModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     @override
+    def on_validation_epoch_start(self) -> None:
+        # the constrained decode takes up to ~1 s per budget at 30 layers: once per epoch, not per batch
+        self._val_subnets = {}
+        if isinstance(self.router, StaticRouter) and self.cost is not None:
+            self._val_subnets = {b: self.subnet_for_budget(b, clamp=True) for b in self.budgets}
+
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         ids, labels = batch["input_ids"], batch["labels"]
         tokens = (labels[:, 1:] != -100).sum()
@@ -382,7 +428,8 @@ class FlextronModule(L.LightningModule):
         self.val_losses["full"].update(full, weight=tokens)
         for b in self.budgets:
             if isinstance(self.router, StaticRouter):
-                with self.elastic.subnet(self.subnet_for_budget(b)):
+                sub = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
+                with self.elastic.subnet(sub):
                     loss = lm_loss(self.model(input_ids=ids, use_cache=False).logits, labels)
             else:
                 lm_, la_ = self.router_logits(b, ids)
@@ -410,13 +457,15 @@ class FlextronModule(L.LightningModule):
             self.log(name.replace("loss", "ppl"), torch.exp(loss))
         if isinstance(self.router, StaticRouter) and self.cost is not None:
             self._report_widths()
+        self._val_subnets = {}  # the routers train on: never reuse these choices
 
     def _report_widths(self) -> None:
         from lightning_modules.reporting import log_image, log_table, run_directory
 
         rows, grid_m, grid_a = [], [], []
         for b in self.budgets:
-            cfg = self.subnet_for_budget(b)
+            # an unreachable trained budget (warned about at setup) reports the narrowest sub-network
+            cfg = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
             real = self.realized(cfg)
             self.log(f"val/realized_b{_key(b)}", real)
             self.log(f"val/budget_error_b{_key(b)}", abs(real / b - 1))

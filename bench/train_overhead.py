@@ -113,8 +113,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, a few seconds")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=RESULTS / "train_overhead.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: bench/results/train_overhead.json (train_overhead_quick.json with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.output = args.output or RESULTS / ("train_overhead_quick.json" if args.quick else "train_overhead.json")
     args.repeats = args.repeats or (3 if args.quick else 3)
     args.steps = args.steps or (20 if args.quick else 12)
     args.warmup = 5 if args.quick else 2

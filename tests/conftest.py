@@ -26,9 +26,8 @@ def tiny_model_config() -> dict[str, Any]:
     return copy.deepcopy(TINY_LLAMA_CONFIG)
 
 
-@pytest.fixture
-def cpu_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
-    """Trainer arguments for fast, quiet CPU runs that write only under ``tmp_path``."""
+def quiet_cpu_trainer_kwargs(root: str | Path) -> dict[str, Any]:
+    """Trainer arguments for fast, quiet CPU runs that write only under ``root``."""
     return {
         "accelerator": "cpu",
         "devices": 1,
@@ -36,8 +35,14 @@ def cpu_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "enable_checkpointing": False,
-        "default_root_dir": str(tmp_path),
+        "default_root_dir": str(root),
     }
+
+
+@pytest.fixture
+def cpu_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
+    """:func:`quiet_cpu_trainer_kwargs` under the test's own ``tmp_path``."""
+    return quiet_cpu_trainer_kwargs(tmp_path)
 
 
 @pytest.fixture

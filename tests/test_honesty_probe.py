@@ -10,7 +10,7 @@ from datamodules.honesty import HonestyDataModule, build_messages
 from lightning_modules.probes.honesty.backends import Backend
 from lightning_modules.probes.honesty.probe import HonestyProbe
 from lightning_modules.probes.honesty.speaker_model import speaker_probs
-from tests.conftest import parse_config
+from tests.conftest import parse_config, quiet_cpu_trainer_kwargs
 
 TINY = "configs/probes/honesty_tiny.yaml"
 
@@ -148,15 +148,7 @@ SMALLER = [  # 4 trials, 2 methods: enough to split across two ranks and pad the
 
 def _run_tiny(root, **trainer):
     cli = parse_config(TINY, subcommand="test", overrides=[f"--trainer.default_root_dir={root}", *SMALLER])
-    kwargs = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "default_root_dir": str(root),
-    } | trainer
+    kwargs = quiet_cpu_trainer_kwargs(root) | trainer
     L.Trainer(**kwargs).test(cli.model, datamodule=cli.datamodule)
     return json.loads((root / "honesty" / "results.json").read_text())
 

@@ -17,7 +17,7 @@ prefill and per-token decode latency, realized/requested (table and measured), l
 plus export exactness and the speed-up of the exported 0.5-budget network over the full model.
 
     python bench/flextron.py --quick          # tiny parent pretrained here on Shakespeare bytes (< ~1-2 min)
-    python bench/flextron.py                  # SmolLM2-135M parent (long; run under flock /work/cpu.lock)
+    python bench/flextron.py                  # SmolLM2-135M parent (long: give it the machine to itself)
 """
 
 from __future__ import annotations

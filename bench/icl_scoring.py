@@ -6,7 +6,7 @@ measure examples (queries, all label words scored) per second for each and the l
 difference between the per-choice log-likelihoods, and write ``bench/results/icl_scoring.json`` (+ png).
 
     python bench/icl_scoring.py --quick          # smoke check, well under a minute on 2 cores
-    flock /work/cpu.lock python bench/icl_scoring.py   # the full workload
+    python bench/icl_scoring.py   # the full workload
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+from lightning_modules.model_loading import load_causal_lm
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -11,16 +12,14 @@ def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     cfg = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
     cfg.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32).eval()
+    return load_causal_lm(model_config={"model_type": "llama", **cfg}, seed=seed).eval()
 
 
 def tiny_neox(seed: int = 0, **overrides) -> torch.nn.Module:
     cfg = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=256, rotary_pct=0.5, use_parallel_residual=True)
     cfg.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(GPTNeoXConfig(**cfg), dtype=torch.float32).eval()
+    return load_causal_lm(model_config={"model_type": "gpt_neox", **cfg}, seed=seed).eval()
 
 
 def calib_batches(n: int = 4, batch: int = 2, seq: int = 32, vocab: int = 384, seed: int = 1) -> list[torch.Tensor]:

@@ -110,11 +110,7 @@ def plot_sweep(agg: dict, path: Path) -> Path | None:
             ax.set_title(f"{task}: {title}")
             ax.set_xlabel("demonstrations N")
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_order(agg: dict, path: Path) -> Path | None:
@@ -145,6 +141,13 @@ def plot_order(agg: dict, path: Path) -> Path | None:
         ax.set_xticklabels([f"{t}\n{v}" for v, t, _ in entries], fontsize=7)
         ax.set_title(metric.replace("_", " "))
         ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (closing frees it: probes draw many in one process)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

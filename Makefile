@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/python train.py fit --config configs/quickstart.yaml
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench-quick: install
@@ -29,3 +30,4 @@ bench-quick: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules.errors import UserFacingError
+from common.errors import UserFacingError
 
 SHOW_TRACEBACK = "LUMENLM_TRACEBACK"
 
@@ -49,7 +49,7 @@ class LumenCLI(LightningCLI):
             if checkpoint.last_model_path:
                 lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
         if trainer.logger is not None:
-            from lightning_modules.reporting import run_directory
+            from common.run_outputs import run_directory
 
             lines.append(f"  run folder: {run_directory(trainer)}")
         for callback in trainer.callbacks:

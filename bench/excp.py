@@ -139,7 +139,7 @@ def quick_workload() -> Workload:
 
 
 def full_workload() -> Workload:
-    from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+    from common.hf_loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     text = _shakespeare()[:600_000]

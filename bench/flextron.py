@@ -40,6 +40,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import lightning as L  # noqa: E402
 
+from common.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from common.hf_loading import load_causal_lm  # noqa: E402
 from datamodules.text import TextDataModule  # noqa: E402
 from lightning_modules.flextron import ElasticLM, SubnetConfig, WidthSpace  # noqa: E402
 from lightning_modules.flextron.budgets import latency_table, measure_latency  # noqa: E402
@@ -51,8 +53,6 @@ from lightning_modules.flextron.importance import (  # noqa: E402
 )
 from lightning_modules.flextron.losses import lm_loss  # noqa: E402
 from lightning_modules.flextron.module import FlextronModule  # noqa: E402
-from lightning_modules.model_loading import load_causal_lm  # noqa: E402
-from lightning_modules.reporting import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 BUDGETS = [0.3, 0.5, 0.7, 0.9, 1.0]
 BETWEEN = [0.6, 0.8]

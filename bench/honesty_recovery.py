@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from datamodules.honesty import signaling_trials  # noqa: E402
 from lightning_modules.probes.honesty.speaker_model import (  # noqa: E402
     ChoiceData,
@@ -31,7 +32,6 @@ from lightning_modules.probes.honesty.speaker_model import (  # noqa: E402
     fit_lambda,
     simulate_choices,
 )
-from lightning_modules.reporting import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.n_demos, args.queries, args.repeats = 4, 16, 1
     torch.set_num_threads(args.threads)
 
-    from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+    from common.hf_loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(args.model, dtype="float32").eval()
     tok = load_tokenizer(args.model)

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_modules.errors import UserFacingError
+from common.errors import UserFacingError
 from lightning_modules.probes.honesty.speaker_model import (
     ALL_UTTERANCES,
     COLOURS,

@@ -24,8 +24,10 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from common.errors import UserFacingError
 
-class TaskLoadError(ValueError):
+
+class TaskLoadError(UserFacingError):
     """Raised with a one-line message when a task's examples cannot be loaded."""
 
 

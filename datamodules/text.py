@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_modules.errors import UserFacingError
-from lightning_modules.model_loading import INSTALL_OFFLINE_DATA, cache_root, load_tokenizer
-from lightning_modules.reporting import atomic_write_bytes
+from common.atomic import atomic_write_bytes
+from common.errors import UserFacingError
+from common.hf_loading import load_tokenizer
+from common.paths import INSTALL_OFFLINE_DATA, cache_root
 
 SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_modules.model_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_modules.model_loading import TINY_LLAMA_CONFIG
+from common.hf_loading import TINY_LLAMA_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def cpu_trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def tmp_cache() -> Path:
     """The real model cache, so the converted SmolLM2 is converted at most once per machine."""
-    from lightning_modules.model_loading import cache_root
+    from common.paths import cache_root
 
     return cache_root()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.model_loading import load_causal_lm
+from common.hf_loading import load_causal_lm
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from common.hf_loading import ModelLoadError, load_causal_lm
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLMModule, warmup_cosine
-from lightning_modules.model_loading import ModelLoadError, load_causal_lm
 
 
 def _corpus(tmp_path: Path) -> Path:

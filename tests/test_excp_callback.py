@@ -156,7 +156,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from callbacks.excp import ExCP
     from datamodules.text import TextDataModule
     from lightning_modules.causal_lm import CausalLMModule
-    from lightning_modules.model_loading import TINY_LLAMA_CONFIG
+    from common.hf_loading import TINY_LLAMA_CONFIG
 
     torch.set_num_threads(1)
     out = {out!r}

@@ -94,7 +94,7 @@ class _RanksAgree(Callback):
     """Fails the run unless every rank ends with the same weights, router and permutation."""
 
     def on_train_end(self, trainer, pl_module):
-        from lightning_modules.reporting import gather_objects
+        from common.run_outputs import gather_objects
 
         digest = [float(p.detach().double().sum()) for p in pl_module.parameters()]
         widths = pl_module.subnet_for_budget(0.7).to_dict()

@@ -68,7 +68,7 @@ def test_adamw8bit_trains_on_cuda(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_quantized_smollm2_still_knows_paris(quantization: str) -> None:
-    from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+    from common.hf_loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("smollm2-135m-instruct", quantization=quantization, dtype="bfloat16")
     tokenizer = load_tokenizer("smollm2-135m-instruct")

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.hf_loading import load_causal_lm, load_tokenizer
 from datamodules.honesty import build_messages, signaling_trials, time_trials
-from lightning_modules.model_loading import load_causal_lm, load_tokenizer
 from lightning_modules.probes.honesty.backends import HFBackend
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from lightning_modules.model_loading import TINY_LLAMA_CONFIG
+    from common.hf_loading import TINY_LLAMA_CONFIG
 
     model = load_causal_lm(model_config=dict(TINY_LLAMA_CONFIG), seed=0).eval()
     return HFBackend(model, load_tokenizer("byt5"), "tiny", chat=False)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.reporting import atomic_write_bytes, atomic_write_json, gather_objects, log_table
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.run_outputs import gather_objects, log_table
 
 
 def test_atomic_json_handles_tensors_and_gets_a_normal_file_mode(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lightning_modules.model_loading import load_causal_lm, load_tokenizer
+from common.hf_loading import load_causal_lm, load_tokenizer
 
 ENGLISH = (
     "The sun rose over the quiet village, and the people began their day. Children walked to school while "

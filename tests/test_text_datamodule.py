@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common.hf_loading import load_tokenizer
 from datamodules.text import DataSourceError, TextDataModule, shakespeare_files, strip_markdown
-from lightning_modules.model_loading import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,14 +71,14 @@ DDP_SHARD_SCRIPT = r"""
 import sys, json, torch, lightning as L
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.model_loading import TINY_LLAMA_CONFIG
+from common.hf_loading import TINY_LLAMA_CONFIG
 
 class Record(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         seen = module.__dict__.setdefault("seen", [])
         seen.append(batch["input_ids"][:, :8].tolist())
     def on_train_end(self, trainer, module):
-        from lightning_modules.reporting import gather_objects
+        from common.run_outputs import gather_objects
         everything = gather_objects(trainer, module.seen)
         if trainer.is_global_zero:
             print("SEEN" + json.dumps(everything), flush=True)

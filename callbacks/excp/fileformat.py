@@ -25,7 +25,8 @@ from typing import Any
 
 import zstandard
 
-from lightning_modules.reporting import atomic_write_bytes  # re-exported: temp file + fsync + rename
+from common.atomic import atomic_write_bytes  # re-exported: temp file + fsync + rename
+from common.errors import UserFacingError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,7 +46,7 @@ _CRC = struct.Struct("<I")
 _TRAILER = 32 + len(END_MAGIC)
 
 
-class ExCPFormatError(ValueError):
+class ExCPFormatError(UserFacingError):
     """A compressed checkpoint cannot be read correctly; the message names the file and the problem."""
 
     def __init__(self, path: str | os.PathLike, problem: str, hint: str | None = None) -> None:

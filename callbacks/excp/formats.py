@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from callbacks.excp.fileformat import atomic_write_bytes
+from common.errors import UserFacingError
 
 __all__ = ["FormatError", "checkpoint_step", "read_any", "write_any"]
 
@@ -26,7 +27,7 @@ HF_TRAINER = "hf_trainer"
 _HF_OPTIMIZER = "optimizer.pt"
 
 
-class FormatError(ValueError):
+class FormatError(UserFacingError):
     """An input is not a checkpoint this tool understands (the message says why and what to pass)."""
 
 

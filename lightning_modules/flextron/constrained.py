@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.errors import UserFacingError
+
 # relative rounding tolerance on the budget: cost tables are stored in float32 (checkpoints), so the
 # full cost and a sum over the table's entries may differ in the 7th digit
 RTOL = 1e-6
 
 
-class BudgetUnreachableError(ValueError):
+class BudgetUnreachableError(UserFacingError):
     """The requested budget is below the cost of the narrowest width everywhere."""
 
 

@@ -113,7 +113,7 @@ def export_subnetwork(elm: ElasticLM, cfg: SubnetConfig, out_dir: str | Path, pr
         The report also written to ``flextron_export.json``: config, parameter count, class, the largest
         absolute logit difference between the reloaded export and the masked elastic forward.
     """
-    from lightning_modules.reporting import atomic_write_json
+    from common.atomic import atomic_write_json
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "flextron_export.json").exists():

@@ -33,8 +33,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.causal_lm import warmup_cosine
-from lightning_modules.model_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 
 from .budgets import METRICS, CostTable, cost_table
 from .constrained import RTOL, constrained_choices, min_cost
@@ -460,7 +460,7 @@ class FlextronModule(L.LightningModule):
         self._val_subnets = {}  # the routers train on: never reuse these choices
 
     def _report_widths(self) -> None:
-        from lightning_modules.reporting import log_image, log_table, run_directory
+        from common.run_outputs import log_image, log_table, run_directory
 
         rows, grid_m, grid_a = [], [], []
         for b in self.budgets:
@@ -512,7 +512,7 @@ def plot_width_heatmap(budgets: Sequence[float], mlp: list[list[float]], attn: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_modules.reporting import atomic_write_bytes
+    from common.atomic import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(budgets) + 1.8))
     for ax, grid, title in ((axes[0], mlp, "MLP width"), (axes[1], attn, "attention width")):

@@ -19,12 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from common.atomic import atomic_write_json
+from common.hf_loading import load_causal_lm, load_tokenizer
+from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.icl_tasks import WorkUnit
-from lightning_modules.model_loading import load_causal_lm, load_tokenizer
 from lightning_modules.probes import icl_report
 from lightning_modules.probes.icl_finetune import GDConfig
 from lightning_modules.probes.icl_runner import ScoringOptions, json_safe, run_unit
-from lightning_modules.reporting import atomic_write_json, gather_objects, log_image, log_table, run_directory
 
 RESULTS_FILE = "icl_gd_results.json"
 

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.atomic import atomic_write_json
+from common.errors import UserFacingError
 from datamodules.honesty import render_prompt
-from lightning_modules.errors import UserFacingError
-from lightning_modules.reporting import atomic_write_json
 
 FOLLOWUP_AFTER_REASONING = "Now give only your final answer, in the format asked for above."
 

@@ -26,9 +26,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from scipy.special import softmax
 from typing_extensions import override
 
+from common.atomic import atomic_write_json
+from common.errors import UserFacingError
+from common.hf_loading import load_causal_lm, load_tokenizer
+from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.honesty import Trial, build_messages, option_labels, parse_answer
-from lightning_modules.errors import UserFacingError
-from lightning_modules.model_loading import load_causal_lm, load_tokenizer
 from lightning_modules.probes.honesty.backends import Backend, HFBackend, OpenAIChatBackend
 from lightning_modules.probes.honesty.plots import (
     plot_honesty_vs_helpfulness,
@@ -37,7 +39,6 @@ from lightning_modules.probes.honesty.plots import (
 )
 from lightning_modules.probes.honesty.scoring import aggregate, dedupe, record_utilities
 from lightning_modules.probes.honesty.speaker_model import helpfulness, honesty
-from lightning_modules.reporting import atomic_write_json, gather_objects, log_image, log_table, run_directory
 
 METHODS: tuple[str, ...] = ("loglik", "letter", "generate")
 ANSWER_FORMAT = {"loglik": "text", "letter": "letter", "generate": "text"}

@@ -1,4 +1,4 @@
-"""Writing results safely and sending them to whatever logger the run has.
+"""Sending results to whatever logger the run has, into the run's own folder.
 
 Probes and callbacks share these so that every report is written atomically, lands in the run's own
 folder, and shows up in W&B when the run logs there, without each component special-casing loggers.
@@ -8,51 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a torn one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
-    """Serialise ``obj`` as JSON (tensors and numpy scalars become numbers) and write it atomically."""
-
-    def default(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.tolist()
-        if hasattr(value, "tolist"):  # numpy arrays and scalars
-            return value.tolist()
-        if isinstance(value, Path):
-            return str(value)
-        raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())
+from common.atomic import atomic_write_bytes
 
 
 def _wandb_logger(trainer: Any) -> Any:

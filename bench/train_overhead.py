@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.atomic import atomic_write_json  # noqa: E402
-from lightning_modules.causal_lm import CausalLMModule, warmup_cosine  # noqa: E402
+from lightning_modules.causal_lm import CausalLMModule  # noqa: E402
+from lightning_modules.schedules import warmup_cosine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_CONFIG = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -12,17 +11,9 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from lightning_modules.schedules import warmup_cosine
 
 OPTIMIZERS = ("adamw", "adamw8bit")
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class CausalLMModule(L.LightningModule):

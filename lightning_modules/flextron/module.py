@@ -34,7 +34,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
-from lightning_modules.causal_lm import warmup_cosine
+from lightning_modules.schedules import warmup_cosine
 
 from .budgets import METRICS, CostTable, cost_table
 from .constrained import RTOL, constrained_choices, min_cost

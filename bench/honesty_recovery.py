@@ -1,6 +1,7 @@
 """How well does the honesty probe's scorer recover a planted lambda, and at what cost?
 
-For planted speakers (lambdas off the 0.05 grid, so the grid gets no free exact hits; beta 3) it samples one choice per generated signaling
+For planted speakers (lambdas off the 0.05 grid, so the grid gets no free exact hits; beta 3) it samples one choice per
+generated signaling
 item and fits lambda two ways in the same run:
 
 * baseline: the grid search of the paradigm papers (lambda step 0.05 x a beta grid);

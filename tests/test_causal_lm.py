@@ -109,4 +109,5 @@ def test_train_ppl_is_logged_on_logging_steps(tmp_path: Path, tiny_model_config,
     logged = [row for row in rows if row.get("train/ppl")]
     assert [int(row["step"]) for row in logged] == [1, 3]
     for row in logged:
-        assert float(row["train/ppl"]) == pytest.approx(torch.exp(torch.tensor(float(row["train/loss"]))).item(), rel=1e-4)
+        expected_ppl = torch.exp(torch.tensor(float(row["train/loss"]))).item()
+        assert float(row["train/ppl"]) == pytest.approx(expected_ppl, rel=1e-4)

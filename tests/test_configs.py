@@ -95,5 +95,6 @@ def test_missing_model_file_is_one_line(tmp_path: Path) -> None:
                         f"--model.init_args.model={tmp_path}/missing.gguf")
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert lines == [f"error: GGUF file '{tmp_path}/missing.gguf' does not exist: check the path"], result.stderr[-2000:]
+    expected = f"error: GGUF file '{tmp_path}/missing.gguf' does not exist: check the path"
+    assert lines == [expected], result.stderr[-2000:]
     assert "Traceback" not in result.stderr

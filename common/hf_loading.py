@@ -221,6 +221,9 @@ def load_causal_lm(
         dtype: Parameter dtype. GGUF weights are dequantized to this.
         quantization: ``"8bit"`` or ``"4bit"`` to load through bitsandbytes (linear layers only).
         seed: Seeds the random initialisation of a config-built model, so tests are reproducible.
+
+    Under ``with torch.device("meta")`` a pretrained source yields its architecture on the meta device
+    (config only, no weights read).
     """
     torch_dtype = _dtype(dtype)
     if model is None:
@@ -233,6 +236,11 @@ def load_causal_lm(
     if model_config is not None:
         raise ModelLoadError("give `model` or `model_config`, not both")
     source, kwargs = _source_kwargs(model)
+    if torch.get_default_device().type == "meta":
+        # Under ``with torch.device("meta")`` build the real architecture without weights: configs can be
+        # checked (and large models laid out for sharding) without reading gigabytes.
+        config = _from_hub("config", AutoConfig.from_pretrained, source, **kwargs)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     quant = _quantization_config(quantization, torch_dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant

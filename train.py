@@ -11,19 +11,22 @@ LightningDataModule (ours or yours) plugs in by config alone.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from argparse import ArgumentError
 from collections.abc import Sequence
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
+from common.cli_errors import config_problem, exception_chain, first_line, user_facing_cause
 from common.errors import UserFacingError
 
 SHOW_TRACEBACK = "LUMENLM_TRACEBACK"
+HELP_HINT = f"`python train.py fit --help` lists the options; {SHOW_TRACEBACK}=1 shows the traceback"
 
 
 class LumenCLI(LightningCLI):
@@ -35,6 +38,16 @@ class LumenCLI(LightningCLI):
 
         with read_excp_checkpoints():
             super()._parse_ckpt_path()
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a constructor refusing its arguments becomes one line."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, ImportError, MisconfigurationException) as error:
+            if user_facing_cause(error) is not None:
+                raise
+            raise ConfigError(f"{config_problem(error)} ({HELP_HINT})") from error
 
     def after_fit(self) -> None:
         self._print_summary()
@@ -81,51 +94,31 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any
     )
 
 
-def user_facing_cause(error: BaseException) -> UserFacingError | None:
-    """Our own error hidden under the parser's wrapping, if the failure started with one."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, UserFacingError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+class ConfigError(UserFacingError):
+    """A class named in the config could not be built from its arguments."""
+
+
+def one_line_error(error: BaseException) -> str | None:
+    """The one line to print for a mistake the user can fix, or None for a bug (show the traceback)."""
+    cause = user_facing_cause(error)
+    if cause is not None:
+        return str(cause)
+    if isinstance(error, ArgumentError):
+        return f"{config_problem(error)} ({HELP_HINT})"
+    misconfiguration = next((e for e in exception_chain(error) if isinstance(e, MisconfigurationException)), None)
+    if misconfiguration is not None:
+        return f"trainer: {first_line(misconfiguration)}"
     return None
-
-
-_SPECIFIC_PARSE_PROBLEMS = re.compile(
-    r"(Option '[^']+' is not accepted|Key '[^']+' is not expected|unrecognized arguments:.*|No module named .*|"
-    r"Problem with given class_path '[^']+'|does not exist.*|Expected a .*)"
-)
-
-
-def concise_parse_error(message: str) -> str:
-    """One line out of jsonargparse's nested report: the config key and the most specific problem."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    problems = [m.group(0).strip() for line in message.splitlines() if (m := _SPECIFIC_PARSE_PROBLEMS.search(line))]
-    specific = next((p for p in problems if not p.startswith(("Problem with", "Expected a"))), None)
-    class_path = next((p for p in problems if p.startswith("Problem with")), None)
-    if specific is None:
-        return " ".join(message.split())[:300]
-    where = f"{key.group(1)}: " if key else ""
-    owner = f" (in {class_path.split(chr(39))[1]})" if class_path else ""
-    return f"{where}{specific}{owner}"
 
 
 def main(args: Sequence[str] | None = None) -> None:
     try:
         build_cli(args)
-    except (UserFacingError, ArgumentError, TypeError, ValueError) as error:
-        if os.environ.get(SHOW_TRACEBACK):
+    except Exception as error:
+        message = None if os.environ.get(SHOW_TRACEBACK) else one_line_error(error)
+        if message is None:
             raise
-        cause = user_facing_cause(error)
-        if cause is not None:
-            print(f"error: {cause}", file=sys.stderr)
-        elif isinstance(error, ArgumentError):
-            print(f"error: {concise_parse_error(str(error))} (`python train.py fit --help` lists the options; "
-                  f"{SHOW_TRACEBACK}=1 shows the traceback)", file=sys.stderr)
-        else:
-            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -179,9 +179,9 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if block_size < 2:
-            raise ValueError(f"block_size must be at least 2, got {block_size}")
+            raise UserFacingError(f"block_size must be at least 2, got {block_size}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserFacingError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self._tokenizer: Any = None
         self.train_set: BlockDataset | None = None
@@ -196,7 +196,9 @@ class TextDataModule(L.LightningDataModule):
             else:
                 module = self.trainer.lightning_module if self.trainer is not None else None
                 if module is None or getattr(module, "tokenizer", None) is None:
-                    raise ValueError("TextDataModule needs `tokenizer` when the model has no `tokenizer` attribute")
+                    raise UserFacingError(
+                        "TextDataModule needs `tokenizer` when the model has no `tokenizer` attribute"
+                    )
                 self._tokenizer = module.tokenizer
         return self._tokenizer
 

@@ -10,6 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.schedules import warmup_cosine
 
@@ -50,16 +51,16 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+            raise UserFacingError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+            raise UserFacingError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config=model_config, seed=seed)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes as found
         tokenizer_name = tokenizer or (model if model is not None else BYTE_TOKENIZER)
         self.tokenizer = load_tokenizer(tokenizer_name)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise ValueError(
+            raise UserFacingError(
                 f"tokenizer {tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: raise vocab_size in model_config or pick a matching tokenizer"
             )

@@ -12,7 +12,6 @@ from common.errors import UserFacingError
 from tests.shrink import shrunk_config_file
 
 
-
 def _chain(*errors: BaseException) -> BaseException:
     """Link ``errors`` so that each is raised from the next, as jsonargparse does."""
     for outer, inner in zip(errors, errors[1:], strict=False):

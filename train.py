@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from callbacks.config_logging import LogConfigToLoggers
 from common.cli_errors import config_problem, exception_chain, first_line, user_facing_cause
 from common.errors import UserFacingError
 
@@ -38,6 +39,10 @@ class LumenCLI(LightningCLI):
 
         with read_excp_checkpoints():
             super()._parse_ckpt_path()
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        _loggers_follow_root_dir(self.config.get(self.subcommand) if self.subcommand else self.config)
 
     @override
     def instantiate_classes(self) -> None:
@@ -62,9 +67,12 @@ class LumenCLI(LightningCLI):
             if checkpoint.last_model_path:
                 lines.append(f"  last checkpoint: {checkpoint.last_model_path}")
         if trainer.logger is not None:
-            from common.run_outputs import run_directory
+            from common.run_outputs import run_directory, wandb_sync_folder
 
             lines.append(f"  run folder: {run_directory(trainer)}")
+            sync_folder = wandb_sync_folder(trainer)
+            if sync_folder is not None:
+                lines.append(f"  W&B run: {sync_folder} (upload an offline run with `wandb sync {sync_folder}`)")
         for callback in trainer.callbacks:
             summary = getattr(callback, "run_summary", None)
             if callable(summary):
@@ -73,6 +81,19 @@ class LumenCLI(LightningCLI):
         if metrics:
             lines.append("  " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
         print("\n".join(lines))
+
+
+def _loggers_follow_root_dir(config: Any) -> None:
+    """A logger whose ``save_dir`` is None writes under ``trainer.default_root_dir`` (one path per run)."""
+    trainer = config.get("trainer") if config is not None else None
+    if trainer is None:
+        return
+    root = trainer.get("default_root_dir") or os.getcwd()
+    loggers = trainer.get("logger")
+    for spec in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(spec, "init_args", None)
+        if init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
+            init_args.save_dir = str(root)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> LightningCLI:
@@ -86,6 +107,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=LogConfigToLoggers,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=parser_kwargs,
         args=list(args) if args is not None else None,

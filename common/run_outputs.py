@@ -42,6 +42,15 @@ def run_directory(trainer: Any) -> Path:
     return Path(trainer.default_root_dir)
 
 
+def wandb_sync_folder(trainer: Any) -> Path | None:
+    """The folder ``wandb sync`` takes for this run (the parent of the run's ``files`` folder), if any."""
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is None:
+        return None
+    directory = getattr(wandb_logger.experiment, "dir", None)
+    return Path(directory).parent if isinstance(directory, str) and directory else None
+
+
 def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]]) -> Path | None:
     """Keep a table of per-example records: a CSV in the run folder, and a W&B table when logging there.
 

@@ -3,6 +3,7 @@
     python train.py fit --config configs/quickstart.yaml
     python train.py fit --config configs/quickstart.yaml --config configs/trainer/ddp.yaml
     python train.py fit --config configs/quickstart.yaml --print_config
+    python train.py export --checkpoint runs/quickstart/checkpoints/last.ckpt --out runs/quickstart/hf
 
 Model and data are chosen by ``class_path``/``init_args``, so any LightningModule or
 LightningDataModule (ours or yours) plugs in by config alone.
@@ -10,12 +11,15 @@ LightningDataModule (ours or yours) plugs in by config alone.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -133,8 +137,50 @@ def one_line_error(error: BaseException) -> str | None:
     return None
 
 
-def main(args: Sequence[str] | None = None) -> None:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, from a plain ``.ckpt`` or an ExCP file (no pickled code is run)."""
+    from callbacks.excp import is_excp_file, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserFacingError(f"checkpoint {path} does not exist or is not a file")
+    if is_excp_file(path):
+        return load_checkpoint(path)
     try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we can read safely"
+        raise UserFacingError(f"{path} cannot be read as a checkpoint without running code from it "
+                              f"({type(error).__name__}): pass a Lightning .ckpt or an ExCP file") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserFacingError(f"{path} holds no Lightning checkpoint (no state_dict): pass a .ckpt or an ExCP file")
+    return checkpoint
+
+
+def export(argv: Sequence[str]) -> None:
+    """``python train.py export``: a checkpoint (plain or ExCP) to a Hugging Face folder."""
+    parser = argparse.ArgumentParser(prog="python train.py export",
+                                     description="Write a checkpoint's model and tokenizer as a Hugging Face folder.")
+    parser.add_argument("--checkpoint", required=True, help="a Lightning .ckpt or ExCP file (e.g. .../last.ckpt)")
+    parser.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --force)")
+    parser.add_argument("--class-path", default=None, help="LightningModule class when the checkpoint lacks it")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload to this Hub repo")
+    args = parser.parse_args(list(argv))
+    from lightning_modules.hf_export import export_hf_folder, push_folder_to_hub
+
+    out = export_hf_folder(read_checkpoint(args.checkpoint), args.out, class_path=args.class_path,
+                           overwrite=args.force)
+    print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    if args.push_to_hub:
+        print(f"pushed to {push_folder_to_hub(out, args.push_to_hub)}")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv[:1] == ["export"]:
+            export(argv[1:])
+            return
         build_cli(args)
     except Exception as error:
         message = None if os.environ.get(SHOW_TRACEBACK) else one_line_error(error)

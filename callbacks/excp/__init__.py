@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from callbacks.excp.codec import ExCPSettings
-from callbacks.excp.decoder import decode_sequence, load_checkpoint
+from callbacks.excp.decoder import decode_sequence, load_checkpoint, read_hyperparameters
 from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFormatError, is_excp_file
 from callbacks.excp.references import REFS_DIR, chain_paths
@@ -30,6 +30,7 @@ __all__ = [
     "is_excp_file",
     "load_checkpoint",
     "read_excp_checkpoints",
+    "read_hyperparameters",
 ]
 
 

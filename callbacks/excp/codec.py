@@ -33,6 +33,7 @@ from callbacks.excp.quantize import (
     kmeans_1d,
     uniform_levels,
 )
+from common.errors import UserFacingError
 
 __all__ = ["ExCPSettings", "ParamCode", "decode_param", "encode_param_delta", "encode_param_keyframe"]
 
@@ -88,15 +89,15 @@ class ExCPSettings:
         for name in ("bits_w", "bits_m", "bits_v"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 8:
-                raise ValueError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
+                raise UserFacingError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
         if self.quantizer not in ("kmeans", "uniform"):
-            raise ValueError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
+            raise UserFacingError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
         if self.keyframe_interval < 1:
-            raise ValueError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
+            raise UserFacingError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
         if self.alpha <= 0 or self.beta < 0 or self.cap <= 0 or self.no_v_factor < 0:
-            raise ValueError("ExCP alpha and cap must be > 0, beta and no_v_factor >= 0")
+            raise UserFacingError("ExCP alpha and cap must be > 0, beta and no_v_factor >= 0")
         if self.threads < 1 or self.kmeans_sample < 16 or self.kmeans_iters < 1:
-            raise ValueError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
+            raise UserFacingError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for the file header)."""
@@ -158,9 +159,7 @@ def _quantize(
     if values.numel() == 0:
         return torch.zeros(0, dtype=torch.float32), np.zeros(0, dtype=np.uint8)
     if s.quantizer == "kmeans":
-        cb = kmeans_1d(
-            values, k, iters=s.kmeans_iters, sample=s.kmeans_sample, generator=gen, log_domain=log_domain
-        )
+        cb = kmeans_1d(values, k, iters=s.kmeans_iters, sample=s.kmeans_sample, generator=gen, log_domain=log_domain)
     else:
         cb = uniform_levels(values, k)
         log_domain = False

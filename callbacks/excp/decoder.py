@@ -17,14 +17,14 @@ import torch
 import zstandard
 
 from callbacks.excp.codec import decode_param
-from callbacks.excp.fileformat import ExCPFile, ExCPFormatError
+from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
 from callbacks.excp.references import chain_paths
 from callbacks.excp.safe_pickle import UnsafePickleError, load_metadata
 from callbacks.excp.split import set_at
 from callbacks.excp.threads import intra_op_threads
 
-__all__ = ["decode_sequence", "load_checkpoint", "open_chain"]
+__all__ = ["decode_sequence", "load_checkpoint", "open_chain", "read_hyperparameters"]
 
 Weights = dict[str, torch.Tensor]
 Moments = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -214,3 +214,26 @@ def decode_sequence(
             decoded, decoded_moments = _decode_file(file, weights if kind == "delta" else None, skip_moments=False)
         yield path, _assemble(file, decoded, decoded_moments, trust)
         weights, moments, previous = decoded, decoded_moments, file
+
+
+def read_hyperparameters(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``hyper_parameters`` of a checkpoint file, ExCP or ``torch.save``, read safely.
+
+    Only the metadata is read (no tensors are decoded); an ExCP file is verified whole (checksums),
+    its chain is checked when the checkpoint is loaded. Used by ``train.py`` before it builds the model.
+
+    Raises:
+        ExCPFormatError: the file is missing, not a regular file, corrupted, or not a checkpoint.
+    """
+    if is_excp_file(path):
+        metadata = _metadata(ExCPFile.open(path), trust_pickles=False)
+    else:
+        ExCPFile.check_regular(path)
+        try:
+            metadata = load_metadata(os.fspath(path), mmap=True)
+        except UnsafePickleError as error:
+            raise ExCPFormatError(path, f"is neither an ExCP file nor a loadable checkpoint: {error}") from None
+    if not isinstance(metadata, dict):
+        raise ExCPFormatError(path, f"holds a {type(metadata).__name__}, not a checkpoint dict")
+    hyperparameters = metadata.get("hyper_parameters", {})
+    return dict(hyperparameters) if isinstance(hyperparameters, dict) else {}

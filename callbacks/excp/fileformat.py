@@ -334,6 +334,12 @@ class ExCPFile:
             )
         return cls(str(path), header, digest.hex(), data, base)
 
+    @staticmethod
+    def check_regular(path: str | os.PathLike) -> None:
+        """Raise :class:`ExCPFormatError` unless ``path`` is an existing regular file."""
+        fd, _ = _open_regular(path)
+        os.close(fd)
+
     def record(self, index: int) -> bytes:
         """Bytes of record ``index``, checked against its crc32."""
         records = self.header["records"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.decoder import decode_sequence, open_chain
 from callbacks.excp.encoder import ExCPEncoder
-from callbacks.excp.fileformat import ExCPFile
+from callbacks.excp.fileformat import ExCPFile, is_excp_file
 from callbacks.excp.formats import (
     HF_TRAINER,
     LIGHTNING,
@@ -91,12 +92,22 @@ def _peek_step(path: Path, trust_pickles: bool) -> int:
     return checkpoint_step(path, ckpt if isinstance(ckpt, dict) else {}, LIGHTNING)
 
 
-def _check_outputs(inputs: list[Path], outputs: list[Path], output_dir: Path, force: bool) -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(
+    inputs: list[Path], outputs: list[Path], output_dir: Path, force: bool, keep_excp: bool = False
+) -> None:
     """Refuse, before anything is written, every output that would destroy or shadow something.
 
-    Two inputs with one output name are always refused, and so is an output that is an input (or
-    inside an input folder): replacing a chain file breaks every later delta. Existing outputs and
-    writing into an input's own folder need ``--force``.
+    Two inputs with one output name are always refused, and so is an output that is an input (the
+    same path or the same file under another name, or inside an input folder) and, with
+    ``keep_excp``, any existing ExCP file: replacing a chain file breaks every later delta.
+    Existing outputs and writing into an input's own folder need ``--force``.
     """
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise FormatError("two inputs would get the same output name; rename one of them or run them separately")
@@ -104,8 +115,10 @@ def _check_outputs(inputs: list[Path], outputs: list[Path], output_dir: Path, fo
     for out in outputs:
         target = out.resolve()
         for source in resolved_inputs:
-            if target == source or source in target.parents or target in source.parents:
+            if target == source or source in target.parents or target in source.parents or _same_file(out, source):
                 raise FormatError(f"{out} would overwrite the input {source}; choose another --output folder")
+        if keep_excp and is_excp_file(out):
+            raise FormatError(f"{out} is an ExCP file (part of a chain); choose another --output folder")
     if force:
         return
     existing = [str(p) for p in outputs if p.exists() or p.is_symlink()]
@@ -157,7 +170,7 @@ def _output_name(path: Path) -> Path:
 
 def _decompress(args: argparse.Namespace) -> None:
     outputs = {src: args.output / _output_name(src) for src in args.inputs}
-    _check_outputs(list(args.inputs), list(outputs.values()), args.output, args.force)
+    _check_outputs(list(args.inputs), list(outputs.values()), args.output, args.force, keep_excp=True)
     weights_only = not args.trust_pickles
     for src, ckpt in decode_sequence(args.inputs, weights_only=weights_only):
         fmt = ExCPFile.open(src).header.get("meta", {}).get("format", LIGHTNING)

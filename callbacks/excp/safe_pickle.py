@@ -13,6 +13,7 @@ import importlib
 import io
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -88,9 +89,12 @@ def load_metadata(source: bytes | str | os.PathLike, *, trust_pickles: bool = Fa
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(stream, map_location="cpu", weights_only=True, **extra)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        unsafe = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
-        detail = unsafe[0].strip() if unsafe else first_line
+        needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if needed:
+            detail = f"it needs {needed.group(1)}, which is not on the allow-list of checkpoint types"
+        else:
+            text = str(error).strip()
+            detail = text.splitlines()[0] if text else type(error).__name__
         raise UnsafePickleError(
             f"its metadata cannot be loaded safely ({detail[:200]}); loading it with weights_only=False would "
             "run whatever code the file holds: do that only for files you made yourself"

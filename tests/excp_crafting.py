@@ -102,13 +102,13 @@ def checkpoint(step: int, size: int = 24) -> dict[str, Any]:
     }
 
 
-def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10) -> list[Path]:
+def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24) -> list[Path]:
     """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths."""
     encoder = ExCPEncoder(ExCPSettings(keyframe_interval=keyframe_interval, kmeans_sample=256))
     paths = []
     for step in range(count):
         path = folder / f"step{step}.ckpt"
-        encoded = encoder.encode(checkpoint(step), target=path)
+        encoded = encoder.encode(checkpoint(step, size), target=path)
         atomic_write_bytes(path, encoded.data)
         encoder.commit(encoded, path)
         paths.append(path)

@@ -33,7 +33,7 @@ def _io_with_last(folder, steps):
 def test_last_ckpt_survives_a_kill_inside_its_save(tmp_path, monkeypatch, instant):
     """Finding 1: the old last.ckpt used to be moved away before the new one was written."""
     io = _io_with_last(tmp_path, [1, 2])
-    import callbacks.excp.checkpoint_io as glue
+    import callbacks.excp.store as store_module
 
     def kill(*args, **kwargs):
         raise _Killed
@@ -42,7 +42,7 @@ def test_last_ckpt_survives_a_kill_inside_its_save(tmp_path, monkeypatch, instan
     if instant == "before_rename":
         monkeypatch.setattr("common.atomic.os.replace", kill)
     else:
-        monkeypatch.setattr(glue, target, kill)
+        monkeypatch.setattr(store_module, target, kill)
     with pytest.raises(_Killed):
         io.save_checkpoint(checkpoint(3), tmp_path / "last.ckpt")
     monkeypatch.undo()

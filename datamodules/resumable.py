@@ -6,7 +6,8 @@ Lightning saves ``state_dict()`` of every train loader that has ``state_dict``/`
 ``iter`` on resume. The order of epoch ``e`` is a seeded permutation of ``(seed, e)`` (as
 ``DistributedSampler`` does), so the state is just ``(epoch, samples consumed)``. The sampler is a
 ``DistributedSampler`` (one replica on a single device), so Lightning keeps it under DDP instead of
-wrapping it, and calls its ``set_epoch`` each epoch.
+wrapping it, and calls its ``set_epoch`` each epoch. ``len()`` stays the whole epoch's (Lightning
+sizes every epoch from it once); a resumed iteration simply ends early.
 """
 
 from __future__ import annotations
@@ -42,12 +43,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         skip = self.pending_skip
         indices = list(super().__iter__())[skip:]
+        self._skip_epoch = -1  # only the resumed epoch is shortened: the next one is whole
         yield from indices
-        self._skip_epoch = -1  # the resumed epoch is over: the next one is whole
-
-    @override
-    def __len__(self) -> int:
-        return self.num_samples - self.pending_skip
 
 
 class ResumableDataLoader(DataLoader):

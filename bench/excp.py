@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import math
 import platform
 import statistics
@@ -37,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import zstandard  # noqa: E402
 
-from callbacks.excp.chain import ExCPEncoder, decode_sequence  # noqa: E402
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
-from callbacks.excp.fileformat import atomic_write_bytes  # noqa: E402
+from callbacks.excp.decoder import decode_sequence  # noqa: E402
+from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
+from common.atomic import atomic_save_figure, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Workload
@@ -539,8 +539,7 @@ def main() -> None:
         "threads": 1,
         "wall_s": time.perf_counter() - t_start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out, result)
     _plot(result, runs, wl, args.png)
     print(
         f"delta_ratio_median {result['delta_ratio_median']:.1f}x (target >= 70x), "
@@ -612,8 +611,7 @@ def _plot(result: dict[str, Any], runs: dict[str, Any], wl: Workload, png: Path)
     ax.set_title("ablations: size vs loss (Pareto)")
     fig.suptitle(f"ExCP on {wl.name} ({result['mode']} mode)")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    atomic_save_figure(fig, png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 from common.hf_loading import load_tokenizer
 from common.paths import INSTALL_OFFLINE_DATA, cache_root
+from datamodules.resumable import ResumableDataLoader, ResumableSampler
 
 SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -286,6 +287,20 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, dataset: BlockDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        if shuffle:  # the train loader: its position is saved in checkpoints, so a resume continues exactly
+            trainer = self.trainer
+            return ResumableDataLoader(
+                dataset,
+                sampler=ResumableSampler(
+                    dataset,
+                    num_replicas=trainer.world_size if trainer is not None else 1,
+                    rank=trainer.global_rank if trainer is not None else 0,
+                    seed=self.hparams.seed,
+                ),
+                batch_size=self.hparams.batch_size,
+                num_workers=self.hparams.num_workers,
+                drop_last=True,
+            )
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

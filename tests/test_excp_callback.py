@@ -16,8 +16,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.excp import ExCP, ExCPCheckpointIO, chain_paths, is_excp_file, load_checkpoint
-from callbacks.excp.chain import REFS_DIR
+from callbacks.excp import ExCP, ExCPCheckpointIO, ExCPSettings, chain_paths, is_excp_file, load_checkpoint
+from callbacks.excp.references import REFS_DIR
+from common.errors import UserFacingError
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLMModule
 
@@ -56,7 +57,7 @@ def _trainer(kw, tmp_path, callbacks, max_steps, logger=False):
 def test_resume_through_compressed_chain(tiny_model_config, cpu_trainer_kwargs, tmp_path):
     ckdir = tmp_path / "ckpts"
     rec1 = _Recorder()
-    excp = ExCP(keyframe_interval=3)
+    excp = ExCP(codec=ExCPSettings(keyframe_interval=3))
     mc = ModelCheckpoint(dirpath=ckdir, filename="{step}", every_n_train_steps=2, save_top_k=-1)
     logger = CSVLogger(tmp_path, name="logs")
     t1 = _trainer(cpu_trainer_kwargs, tmp_path, [excp, mc, rec1], 8, logger=logger)
@@ -77,10 +78,8 @@ def test_resume_through_compressed_chain(tiny_model_config, cpu_trainer_kwargs, 
 
     # resume from the delta at step 6: the chain is replayed, counters are exact, training continues
     rec2 = _Recorder()
-    excp2 = ExCP(keyframe_interval=3)
-    mc2 = ModelCheckpoint(
-        dirpath=tmp_path / "resumed", filename="{step}", every_n_train_steps=2, save_top_k=-1
-    )
+    excp2 = ExCP(codec=ExCPSettings(keyframe_interval=3))
+    mc2 = ModelCheckpoint(dirpath=tmp_path / "resumed", filename="{step}", every_n_train_steps=2, save_top_k=-1)
     t2 = _trainer(cpu_trainer_kwargs, tmp_path, [excp2, mc2, rec2], 8)
     t2.fit(_module(tiny_model_config), datamodule=_data(), ckpt_path=str(files[6]))
     assert rec2.start_step == 6 and rec2.adam_steps == {6.0}
@@ -105,7 +104,7 @@ def test_top_k_deletion_keeps_chains_readable(tiny_model_config, cpu_trainer_kwa
         save_top_k=2,
         save_last=True,
     )
-    excp = ExCP(keyframe_interval=100)
+    excp = ExCP(codec=ExCPSettings(keyframe_interval=100))
     t = _trainer(cpu_trainer_kwargs, tmp_path, [excp, mc], 5)
     t.fit(_module(tiny_model_config), datamodule=_data())
     live = sorted(p for p in ckdir.iterdir() if p.is_file())
@@ -131,19 +130,30 @@ def test_top_k_deletion_keeps_chains_readable(tiny_model_config, cpu_trainer_kwa
 def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    with pytest.raises(ValueError, match="FSDPStrategy.*bypassing the CheckpointIO"):
+    with pytest.raises(UserFacingError, match="FSDPStrategy.*bypassing the CheckpointIO"):
         ExCP().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
 
     class DeepSpeedStrategy(DDPStrategy):  # stands in for the real one, which needs deepspeed installed
         pass
 
-    with pytest.raises(ValueError, match="DeepSpeed writes its own sharded checkpoint"):
+    with pytest.raises(UserFacingError, match="DeepSpeed writes its own sharded checkpoint"):
         ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy()), None, "fit")
 
 
 def test_invalid_settings_fail_early():
-    with pytest.raises(ValueError, match="bits_w=9 is invalid"):
-        ExCP(bits_w=9)
+    with pytest.raises(UserFacingError, match="bits_w=9 is invalid"):
+        ExCP(codec=ExCPSettings(bits_w=9))
+    with pytest.raises(UserFacingError, match="codec must be ExCPSettings"):
+        ExCP(codec={"bits_w": 4})
+
+
+def test_state_key_names_the_settings_and_two_different_callbacks_are_refused(tiny_model_config, cpu_trainer_kwargs):
+    four, two = ExCP(), ExCP(codec=ExCPSettings(bits_w=2))
+    assert four.state_key != two.state_key and "bits_w" in four.state_key
+    assert ExCP().state_key == four.state_key
+    trainer = _trainer(cpu_trainer_kwargs, None, [four, two], 1)
+    with pytest.raises(UserFacingError, match="Two ExCP callbacks with different codec settings"):
+        trainer.fit(_module(tiny_model_config), datamodule=_data())
 
 
 _DDP_SCRIPT = textwrap.dedent(
@@ -153,7 +163,7 @@ _DDP_SCRIPT = textwrap.dedent(
     import torch
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from callbacks.excp import ExCP
+    from callbacks.excp import ExCP, ExCPSettings
     from datamodules.text import TextDataModule
     from lightning_modules.causal_lm import CausalLMModule
     from common.hf_loading import TINY_LLAMA_CONFIG
@@ -172,11 +182,13 @@ _DDP_SCRIPT = textwrap.dedent(
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, logger=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            callbacks=[ExCP(keyframe_interval=4), ModelCheckpoint(dirpath=os.path.join(out, "ckpts"),
-                       filename="{{step}}", every_n_train_steps=2, save_top_k=-1), *callbacks],
+            callbacks=[ExCP(codec=ExCPSettings(keyframe_interval=4)),
+                       ModelCheckpoint(dirpath=os.path.join(out, "ckpts"), filename="{{step}}", every_n_train_steps=2,
+                                       save_top_k=-1), *callbacks],
         )
         model = CausalLMModule(model=None, model_config=dict(TINY_LLAMA_CONFIG), learning_rate=1e-2, warmup_steps=0)
-        trainer.fit(model, datamodule=TextDataModule(block_size=32, batch_size=2, max_tokens=20000), ckpt_path=ckpt_path)
+        data = TextDataModule(block_size=32, batch_size=2, max_tokens=20000)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
     run(4)
     run(6, ckpt_path=os.path.join(out, "ckpts", "step=4.ckpt"), callbacks=[Report()])
@@ -223,34 +235,24 @@ def test_one_chain_per_folder(tmp_path):
     assert io.load_checkpoint(tmp_path / "b" / "s2.ckpt")["global_step"] == 2
 
 
-def test_wandb_artifact_holds_the_chain(tmp_path):
+def test_wandb_artifact_holds_the_chain(tiny_model_config, cpu_trainer_kwargs, tmp_path, monkeypatch):
     """upload_artifacts: one W&B artifact with every live ExCP file and the chain files they need."""
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     logged = []
-
-    class FakeRun:
-        id = "run123"
-
-        def log_artifact(self, art):
-            logged.append(art)
-
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb.Run, "log_artifact", lambda run, artifact, *a, **k: logged.append(artifact))
+    excp = ExCP(codec=ExCPSettings(keyframe_interval=10), upload_artifacts=True, print_summary=False)
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "c", filename="{step}", every_n_train_steps=1, save_top_k=1, monitor="step", mode="max"
+    )
     logger = WandbLogger(offline=True, save_dir=str(tmp_path))
-    logger._experiment = FakeRun()
-    excp = ExCP(upload_artifacts=True, print_summary=False)
-    io = ExCPCheckpointIO(on_save=excp._on_save)
-    excp._io = io
-    for step in range(3):
-        io.save_checkpoint(
-            {"global_step": step, "state_dict": {"w": torch.full((8, 8), float(step))}},
-            tmp_path / "c" / f"s{step}.ckpt",
-        )
-    io.remove_checkpoint(tmp_path / "c" / "s1.ckpt")  # still needed by s2: kept in .excp_refs
-    trainer = SimpleNamespace(loggers=[logger], global_step=2, is_global_zero=True)
-    excp._trainer = trainer
-    excp.on_fit_end(trainer, None)
+    trainer = _trainer(cpu_trainer_kwargs, tmp_path, [excp, checkpoints], 3, logger=logger)
+    trainer.fit(_module(tiny_model_config), datamodule=_data())
+    wandb.finish()
     assert len(logged) == 1
-    art = logged[0]
-    names = set(art.manifest.entries)
-    assert {"s0.ckpt", "s2.ckpt"} <= names and any(n.startswith(REFS_DIR + "/") for n in names)
-    assert art.metadata["checkpoints"] == 3
+    names = set(logged[0].manifest.entries)
+    # top-1 kept only step=3; its chain back to the keyframe lives in .excp_refs and travels along
+    assert "step=3.ckpt" in names and sum(n.startswith(REFS_DIR + "/") for n in names) == 2
+    assert logged[0].metadata["checkpoints"] == 3

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.excp.chain import ExCPEncoder, decode_sequence, load_checkpoint
 from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta, encode_param_keyframe
-from callbacks.excp.fileformat import atomic_write_bytes
+from callbacks.excp.decoder import decode_sequence, load_checkpoint
+from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.quantize import (
     decode_indices,
     decode_lossless,
@@ -21,14 +21,17 @@ from callbacks.excp.quantize import (
     encode_lossless,
     kmeans_1d,
 )
+from common.atomic import atomic_write_bytes
 
 
 def test_codec_modules_do_not_import_lightning():
     import subprocess
 
     code = (
-        "import sys, callbacks.excp.chain, callbacks.excp.codec, callbacks.excp.fileformat;"
-        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning imported'"
+        "import sys, callbacks.excp.encoder, callbacks.excp.decoder, callbacks.excp.references,"
+        " callbacks.excp.codec, callbacks.excp.fileformat, callbacks.excp.cli;"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules),"
+        " 'lightning imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -274,7 +277,7 @@ def test_chain_reconstructs_what_encoder_tracked(tmp_path, optim):
 
 
 def test_name_inference_matches_live_mapping(tmp_path):
-    from callbacks.excp.chain import infer_optimizer_param_names
+    from callbacks.excp.split import infer_optimizer_param_names
 
     torch.manual_seed(0)
     net = _Net()

@@ -7,17 +7,12 @@ import shutil
 import pytest
 import torch
 
-from callbacks.excp.chain import (
-    REFS_DIR,
-    ExCPEncoder,
-    chain_paths,
-    collect_garbage,
-    decode_sequence,
-    load_checkpoint,
-    retire,
-)
 from callbacks.excp.codec import ExCPSettings
-from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, atomic_write_bytes, read_header
+from callbacks.excp.decoder import decode_sequence, load_checkpoint
+from callbacks.excp.encoder import ExCPEncoder
+from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, read_header
+from callbacks.excp.references import REFS_DIR, chain_paths, collect_garbage, retire
+from common.atomic import atomic_write_bytes
 
 
 def _ckpt(step: int) -> dict:

@@ -13,10 +13,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from callbacks.excp.chain import REFS_DIR
 from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import is_excp_file
+from callbacks.excp.references import REFS_DIR
+from common.errors import UserFacingError
 
 # Strategies that save or load without going through the strategy's CheckpointIO.
 _BYPASSING = {
@@ -49,74 +50,45 @@ class ExCP(Callback):
     pruned and quantized; everything else (steps, schedulers, loops, RNG, ...) is exact.
 
     Args:
-        bits_w: bits per code for weight residuals (``2**bits - 1`` k-means centroids + "pruned").
-        bits_m: bits per code for Adam's first moment / SGD momentum.
-        bits_v: bits per code for Adam's second moment.
-        alpha: weight-pruning scale: keep ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))``.
-        beta: momentum pruning: keep ``|m| > beta * mean(|m|)`` where the weight survived.
-        cap: upper bound of the weight-pruning factor.
-        keyframe_interval: a lossless keyframe every this many checkpoints; longer chains are
-            smaller but a resume replays (and needs on disk) up to this many files.
-        quantizer: ``"kmeans"`` (the method) or ``"uniform"``.
-        v_log_domain: fit v's codebook in the log domain (v spans decades).
-        momentum_criterion: False prunes m with the weight mask only (ablation).
-        residual: False codes weights instead of residuals (ablation; destroys the model).
-        kmeans_sample: fit each codebook on at most this many values.
-        zstd_level: zstd level of the quantized index streams (keyframes use level 1 per byte plane).
-        threads: tensors encoded in parallel.
-        seed: seed of the k-means sampling.
+        codec: the codec settings (:class:`~callbacks.excp.codec.ExCPSettings`: bits per stream,
+            ``alpha``/``beta``/``cap`` pruning, ``keyframe_interval``, quantizer, threads, ...);
+            in YAML a nested mapping ``codec: {bits_w: 4, keyframe_interval: 10}``. None: defaults.
         log_stats: log ``excp/ratio``, ``excp/bits_per_param_{w,m,v}``, ``excp/sparsity_{w,m}``,
             ``excp/encode_s`` and ``excp/keyframe`` to the Trainer's loggers after each save.
         upload_artifacts: at the end of ``fit``, upload the compressed checkpoints (with the chain
             files they need) as one W&B artifact when a ``WandbLogger`` is attached.
         print_summary: print where the checkpoints are and the ratio achieved at the end of ``fit``.
+
+    Raises:
+        UserFacingError: at ``setup``, when the strategy bypasses the CheckpointIO, another
+            CheckpointIO plugin is installed, or a second ExCP callback has other codec settings
+            (an identical one shares the first one's CheckpointIO; only the first logs statistics).
     """
 
     def __init__(
         self,
-        bits_w: int = 4,
-        bits_m: int = 4,
-        bits_v: int = 4,
-        alpha: float = 5e-5,
-        beta: float = 2.0,
-        cap: float = 2.5,
-        keyframe_interval: int = 10,
-        quantizer: str = "kmeans",
-        v_log_domain: bool = True,
-        momentum_criterion: bool = True,
-        residual: bool = True,
-        kmeans_sample: int = 65536,
-        zstd_level: int = 3,
-        threads: int = 1,
-        seed: int = 0,
+        codec: ExCPSettings | None = None,
         log_stats: bool = True,
         upload_artifacts: bool = False,
         print_summary: bool = True,
     ) -> None:
         super().__init__()
-        self.settings = ExCPSettings(
-            bits_w=bits_w,
-            bits_m=bits_m,
-            bits_v=bits_v,
-            alpha=alpha,
-            beta=beta,
-            cap=cap,
-            keyframe_interval=keyframe_interval,
-            quantizer=quantizer,
-            v_log_domain=v_log_domain,
-            momentum_criterion=momentum_criterion,
-            residual=residual,
-            kmeans_sample=kmeans_sample,
-            zstd_level=zstd_level,
-            threads=threads,
-            seed=seed,
-        )
+        if codec is not None and not isinstance(codec, ExCPSettings):
+            raise UserFacingError(
+                f"ExCP codec must be ExCPSettings (in YAML a mapping such as {{bits_w: 4}}), got {type(codec).__name__}"
+            )
+        self.settings = codec or ExCPSettings()
         self.log_stats = log_stats
         self.upload_artifacts = upload_artifacts
         self.print_summary = print_summary
         self.history: list[dict[str, Any]] = []
         self._trainer: pl.Trainer | None = None
         self._io: ExCPCheckpointIO | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.settings.to_dict())
 
     @property
     def checkpoint_io(self) -> ExCPCheckpointIO | None:
@@ -128,18 +100,25 @@ class ExCP(Callback):
         strategy = trainer.strategy
         for cls in type(strategy).__mro__:
             if cls.__name__ in _BYPASSING:
-                raise ValueError(
+                raise UserFacingError(
                     f"ExCP cannot compress checkpoints under {type(strategy).__name__}: {_BYPASSING[cls.__name__]}, "
                     "bypassing the CheckpointIO. Use strategy='ddp' or a single device, or remove the ExCP callback."
                 )
-        current = getattr(strategy, "_checkpoint_io", None)
-        if isinstance(current, ExCPCheckpointIO):
-            self._io = current
-        elif current is None or type(current) is TorchCheckpointIO:
+        current = strategy.checkpoint_io  # the public property: a TorchCheckpointIO unless a plugin is set
+        if isinstance(current, ExCPCheckpointIO) and current is not self._io:
+            if current.settings != self.settings:
+                raise UserFacingError(
+                    "Two ExCP callbacks with different codec settings are attached to one Trainer, which has one "
+                    "CheckpointIO: keep one ExCP callback (its settings apply to every ModelCheckpoint)"
+                )
+            self._io = current  # an identical second callback shares the first one's chains
+        elif isinstance(current, ExCPCheckpointIO):
+            pass  # setup runs again for another stage (fit, then test): keep the chains
+        elif type(current) is TorchCheckpointIO:
             self._io = ExCPCheckpointIO(self.settings, names=self._names, on_save=self._on_save)
             strategy.checkpoint_io = self._io
         else:
-            raise ValueError(
+            raise UserFacingError(
                 f"ExCP replaces the Trainer's CheckpointIO, but {type(current).__name__} is already installed. "
                 "Remove that plugin or the ExCP callback."
             )
@@ -153,9 +132,7 @@ class ExCP(Callback):
         id2name: dict[int, str] = {}
         for n, p in named:
             id2name.setdefault(id(p), n)
-        opt_names = [
-            [id2name.get(id(p)) for g in opt.param_groups for p in g["params"]] for opt in trainer.optimizers
-        ]
+        opt_names = [[id2name.get(id(p)) for g in opt.param_groups for p in g["params"]] for opt in trainer.optimizers]
         return {n for n, _ in named}, opt_names
 
     def _on_save(self, path: Path, stats: dict[str, float]) -> None:

@@ -3,8 +3,11 @@
 * ``compress INPUT... -o DIR``: Lightning ``.ckpt`` files and/or Hugging Face Trainer checkpoint
   folders, ordered by training step, coded as one chain (``DIR/<name>.excp``).
 * ``decompress FILE.excp... -o DIR``: writes each back in its original format (``.ckpt`` or folder).
-* ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity and the chain.
+* ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity and the chain
+  (every file of the chain is verified; a corrupt ancestor is an error).
 
+Existing outputs are never replaced, and nothing is written into an input's folder, unless ``--force``;
+an input file is never overwritten. Pickles load with ``weights_only=True`` unless ``--trust-pickles``.
 Exit code 0 only on success; a bad input prints one ``excp: error: ...`` line on stderr.
 """
 
@@ -12,17 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
-from callbacks.excp.chain import ExCPEncoder, chain_paths, decode_sequence
 from callbacks.excp.codec import ExCPSettings
-from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, atomic_write_bytes
-from callbacks.excp.formats import HF_TRAINER, LIGHTNING, FormatError, checkpoint_step, read_any, write_any
+from callbacks.excp.decoder import decode_sequence, open_chain
+from callbacks.excp.encoder import ExCPEncoder
+from callbacks.excp.fileformat import ExCPFile, is_excp_file
+from callbacks.excp.formats import (
+    HF_TRAINER,
+    LIGHTNING,
+    FormatError,
+    checkpoint_step,
+    load_torch_file,
+    read_any,
+    write_any,
+)
+from common.atomic import atomic_write_bytes
+from common.errors import UserFacingError
 
 __all__ = ["main"]
 
@@ -53,26 +66,67 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
     d.add_argument("inputs", nargs="+", type=Path, help=".excp files")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder to write into")
+    for command in (c, d):
+        command.add_argument(
+            "--force", action="store_true", help="replace existing outputs and allow writing into an input's folder"
+        )
+        command.add_argument(
+            "--trust-pickles",
+            action="store_true",
+            help="load pickles with weights_only=False: a crafted file can then run code; only for your own files",
+        )
     i = sub.add_parser("inspect", help="summarise ExCP files")
     i.add_argument("inputs", nargs="+", type=Path, help=".excp files")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
-def _peek_step(path: Path) -> int:
+def _peek_step(path: Path, trust_pickles: bool) -> int:
     if path.is_dir():
         state = path / "trainer_state.json"
         ckpt = (
-            {"hf": {"files": {"trainer_state.json": state.read_bytes()}}}
-            if state.is_file()
-            else {"hf": {"files": {}}}
+            {"hf": {"files": {"trainer_state.json": state.read_bytes()}}} if state.is_file() else {"hf": {"files": {}}}
         )
         return checkpoint_step(path, ckpt, HF_TRAINER)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - report as a bad input
-        raise FormatError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_torch_file(path, trust_pickles=trust_pickles, mmap=True)
     return checkpoint_step(path, ckpt if isinstance(ckpt, dict) else {}, LIGHTNING)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(
+    inputs: list[Path], outputs: list[Path], output_dir: Path, force: bool, keep_excp: bool = False
+) -> None:
+    """Refuse, before anything is written, every output that would destroy or shadow something.
+
+    Two inputs with one output name are always refused, and so is an output that is an input (the
+    same path or the same file under another name, or inside an input folder) and, with
+    ``keep_excp``, any existing ExCP file: replacing a chain file breaks every later delta.
+    Existing outputs and writing into an input's own folder need ``--force``.
+    """
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise FormatError("two inputs would get the same output name; rename one of them or run them separately")
+    resolved_inputs = [p.resolve() for p in inputs]
+    for out in outputs:
+        target = out.resolve()
+        for source in resolved_inputs:
+            if target == source or source in target.parents or target in source.parents or _same_file(out, source):
+                raise FormatError(f"{out} would overwrite the input {source}; choose another --output folder")
+        if keep_excp and is_excp_file(out):
+            raise FormatError(f"{out} is an ExCP file (part of a chain); choose another --output folder")
+    if force:
+        return
+    existing = [str(p) for p in outputs if p.exists() or p.is_symlink()]
+    if existing:
+        raise FormatError(f"{existing[0]} already exists ({len(existing)} output(s) do); pass --force to replace")
+    folder = output_dir.resolve()
+    if any(source.parent == folder for source in resolved_inputs):
+        raise FormatError(f"--output {output_dir} is an input's own folder; choose another folder or pass --force")
 
 
 def _compress(args: argparse.Namespace) -> None:
@@ -91,16 +145,13 @@ def _compress(args: argparse.Namespace) -> None:
     for p in args.inputs:
         if not p.exists():
             raise FormatError(f"{p}: does not exist")
-    ordered = sorted(args.inputs, key=_peek_step)
-    names = [(p.stem if p.is_file() else p.name) + ".excp" for p in ordered]
-    if len(set(names)) != len(names):
-        raise FormatError("two inputs would get the same output name; rename one of them")
+    ordered = sorted(args.inputs, key=lambda p: _peek_step(p, args.trust_pickles))
+    targets = [args.output / ((p.stem if p.is_file() else p.name) + ".excp") for p in ordered]
+    _check_outputs(ordered, targets, args.output, args.force)
     encoder = ExCPEncoder(settings)
-    args.output.mkdir(parents=True, exist_ok=True)
-    for src, name in zip(ordered, names, strict=True):
+    for src, target in zip(ordered, targets, strict=True):
         t0 = time.perf_counter()
-        ckpt, fmt = read_any(src)
-        target = args.output / name
+        ckpt, fmt = read_any(src, trust_pickles=args.trust_pickles)
         enc = encoder.encode(ckpt, target=target, meta={"format": fmt, "source": src.name})
         atomic_write_bytes(target, enc.data)
         encoder.commit(enc, target)
@@ -111,17 +162,25 @@ def _compress(args: argparse.Namespace) -> None:
         )
 
 
+def _output_name(path: Path) -> Path:
+    header_meta = ExCPFile.open(path).header.get("meta", {})
+    fmt = header_meta.get("format", LIGHTNING) if isinstance(header_meta, dict) else LIGHTNING
+    return Path(path.stem if fmt == HF_TRAINER else path.stem + ".ckpt")
+
+
 def _decompress(args: argparse.Namespace) -> None:
-    args.output.mkdir(parents=True, exist_ok=True)
-    for src, ckpt in decode_sequence(args.inputs):
+    outputs = {src: args.output / _output_name(src) for src in args.inputs}
+    _check_outputs(list(args.inputs), list(outputs.values()), args.output, args.force, keep_excp=True)
+    weights_only = not args.trust_pickles
+    for src, ckpt in decode_sequence(args.inputs, weights_only=weights_only):
         fmt = ExCPFile.open(src).header.get("meta", {}).get("format", LIGHTNING)
-        out = args.output / (src.stem if fmt == HF_TRAINER else src.stem + ".ckpt")
-        write_any(ckpt, fmt, out)
-        print(f"{src} -> {out}")
+        write_any(ckpt, fmt, outputs[src])
+        print(f"{src} -> {outputs[src]}")
 
 
 def _summary(path: Path) -> dict[str, Any]:
-    f = ExCPFile.open(path)
+    chain = open_chain(path)  # every ancestor read and verified by hash: a corrupt one is an error
+    f = chain[-1]
     h = f.header
     st = h.get("stats", {})
     raw = st.get("raw_wmv_bytes", 0.0)
@@ -131,7 +190,7 @@ def _summary(path: Path) -> dict[str, Any]:
         "format": h.get("meta", {}).get("format"),
         "source": h.get("meta", {}).get("source"),
         "chain_index": h["chain_index"],
-        "chain": [str(p) for p in chain_paths(path)],
+        "chain": [c.path for c in chain],
         "bytes": f.size,
         "raw_wmv_bytes": raw,
         "raw_tensor_bytes": st.get("raw_tensor_bytes"),
@@ -171,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"compress": _compress, "decompress": _decompress, "inspect": _inspect}[args.command](args)
-    except (ExCPFormatError, FormatError) as e:
+    except UserFacingError as e:
         print(f"excp: error: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"excp: error: {type(e).__name__}: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"excp: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0

@@ -33,6 +33,7 @@ from callbacks.excp.quantize import (
     kmeans_1d,
     uniform_levels,
 )
+from common.errors import UserFacingError
 
 __all__ = ["ExCPSettings", "ParamCode", "decode_param", "encode_param_delta", "encode_param_keyframe"]
 
@@ -88,15 +89,15 @@ class ExCPSettings:
         for name in ("bits_w", "bits_m", "bits_v"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 8:
-                raise ValueError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
+                raise UserFacingError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
         if self.quantizer not in ("kmeans", "uniform"):
-            raise ValueError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
+            raise UserFacingError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
         if self.keyframe_interval < 1:
-            raise ValueError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
+            raise UserFacingError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
         if self.alpha <= 0 or self.beta < 0 or self.cap <= 0 or self.no_v_factor < 0:
-            raise ValueError("ExCP alpha and cap must be > 0, beta and no_v_factor >= 0")
+            raise UserFacingError("ExCP alpha and cap must be > 0, beta and no_v_factor >= 0")
         if self.threads < 1 or self.kmeans_sample < 16 or self.kmeans_iters < 1:
-            raise ValueError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
+            raise UserFacingError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for the file header)."""
@@ -131,11 +132,18 @@ def _stream_blob(codebook: torch.Tensor, codes: np.ndarray, level: int) -> bytes
     return _CB_HEAD.pack(cb.size) + cb.tobytes() + encode_indices(codes, level=level)
 
 
-def _read_stream(blob: bytes) -> tuple[torch.Tensor, np.ndarray]:
+def _read_stream(blob: bytes, expected: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Codebook and codes of one stream that must hold ``expected`` codes (checked before allocating)."""
+    if len(blob) < _CB_HEAD.size:
+        raise ValueError("quantized stream is shorter than its header")
     (k,) = _CB_HEAD.unpack_from(blob, 0)
     off = _CB_HEAD.size
+    if k > 255 or off + 4 * k > len(blob):
+        raise ValueError(f"quantized stream claims a codebook of {k} entries")
     cb = torch.from_numpy(np.frombuffer(blob, dtype=np.float32, count=k, offset=off).copy())
-    codes = decode_indices(bytes(blob[off + 4 * k :]))
+    codes = decode_indices(bytes(blob[off + 4 * k :]), expected)
+    if codes.size and int(codes.max()) > k:
+        raise ValueError("quantized stream uses a code outside its codebook")
     return cb, codes
 
 
@@ -151,9 +159,7 @@ def _quantize(
     if values.numel() == 0:
         return torch.zeros(0, dtype=torch.float32), np.zeros(0, dtype=np.uint8)
     if s.quantizer == "kmeans":
-        cb = kmeans_1d(
-            values, k, iters=s.kmeans_iters, sample=s.kmeans_sample, generator=gen, log_domain=log_domain
-        )
+        cb = kmeans_1d(values, k, iters=s.kmeans_iters, sample=s.kmeans_sample, generator=gen, log_domain=log_domain)
     else:
         cb = uniform_levels(values, k)
         log_domain = False
@@ -280,22 +286,21 @@ def decode_param(
         ref: the reconstructed previous weights (required for ``w_mode == "delta"``).
         weights_only: skip the moments (chain replay only needs the weights of earlier files).
     """
-    n = int(np.prod(shape)) if len(shape) else 1
+    n = math.prod(shape)
     if w_mode == "lossless":
         w = decode_lossless(w_blob, dtype, shape)
         wmask = torch.ones(n, dtype=torch.bool)
     else:
         cd = _compute_dtype(dtype)
+        if w_mode not in ("delta", "absolute"):
+            raise ValueError(f"unknown weight mode {w_mode!r}")
+        if w_mode == "delta" and (ref is None or ref.numel() != n):
+            raise ValueError("delta-coded weights need their reference, of the same size")
+        cb, idx = _read_stream(w_blob, n)
         if w_mode == "absolute":
             ref = torch.zeros(n, dtype=cd)
-        if ref is None:
-            raise ValueError("delta-coded weights need their reference")
-        cb, idx = _read_stream(w_blob)
-        if idx.size != n:
-            raise ValueError(f"weight stream holds {idx.size} codes for a tensor of {n} elements")
+        assert ref is not None
         codes = torch.from_numpy(idx)
-        if ref.numel() != n:
-            raise ValueError(f"reference has {ref.numel()} elements, expected {n}")
         w = (ref.reshape(-1).to(cd) + _with_zero(cb).to(cd)[codes.int()]).to(dtype).reshape(shape)
         wmask = codes != 0
     if weights_only or m_blob is None:
@@ -305,17 +310,13 @@ def decode_param(
         v = None if v_blob is None else decode_lossless(v_blob, v_dtype, shape)
         return w, m, v
     # nested masks without index lists: scatter m's codes into the weight mask, v's into m's
-    cb_m, idx_m = _read_stream(m_blob)
-    if idx_m.size != int(wmask.sum()):
-        raise ValueError("momentum stream does not match the weight mask")
+    cb_m, idx_m = _read_stream(m_blob, int(wmask.sum()))
     m_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(idx_m))
     m = _with_zero(cb_m)[m_codes.int()]
     v = None
     if v_blob is not None:
         mmask = m_codes != 0
-        cb_v, idx_v = _read_stream(v_blob)
-        if idx_v.size != int(mmask.sum()):
-            raise ValueError("second-moment stream does not match the momentum mask")
+        cb_v, idx_v = _read_stream(v_blob, int(mmask.sum()))
         v_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(mmask, torch.from_numpy(idx_v))
         v = _with_zero(cb_v)[v_codes.int()].to(v_dtype).reshape(shape)
     return w, m.to(m_dtype).reshape(shape), v

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from callbacks.excp.fileformat import atomic_write_bytes
+from callbacks.excp.safe_pickle import UnsafePickleError, load_metadata
+from common.atomic import atomic_directory, atomic_torch_save
 from common.errors import UserFacingError
 
 __all__ = ["FormatError", "checkpoint_step", "read_any", "write_any"]
@@ -35,8 +37,28 @@ def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*.safetensors"))
 
 
-def read_any(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """Load a Lightning ``.ckpt`` file or an HF Trainer checkpoint folder as ``(checkpoint, format)``."""
+def load_torch_file(path: Path, *, trust_pickles: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` a regular file, safely unless ``trust_pickles`` (then a crafted file runs code)."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror})") from None
+    if not regular:
+        raise FormatError(f"{path}: is not a regular file (a device, FIFO or socket); pass a checkpoint file")
+    try:
+        return load_metadata(path, trust_pickles=trust_pickles, mmap=mmap)
+    except UnsafePickleError as e:
+        hint = "" if trust_pickles else " (--trust-pickles loads it anyway, for files you made yourself)"
+        raise FormatError(f"{path}: {e}{hint}") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure under trust means "not a torch checkpoint"
+        raise FormatError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def read_any(path: str | os.PathLike, *, trust_pickles: bool = False) -> tuple[dict[str, Any], str]:
+    """Load a Lightning ``.ckpt`` file or an HF Trainer checkpoint folder as ``(checkpoint, format)``.
+
+    Pickles (``.ckpt``, ``optimizer.pt``) load with ``weights_only=True`` unless ``trust_pickles``.
+    """
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: does not exist")
@@ -46,17 +68,14 @@ def read_any(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
                 f"{path}: folder has no *.safetensors; pass a Hugging Face Trainer checkpoint folder "
                 "(model.safetensors + optimizer.pt) or Lightning .ckpt files"
             )
-        return _read_hf(path), HF_TRAINER
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
-        raise FormatError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        return _read_hf(path, trust_pickles), HF_TRAINER
+    ckpt = load_torch_file(path, trust_pickles=trust_pickles)
     if not isinstance(ckpt, dict):
         raise FormatError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt, LIGHTNING
 
 
-def _read_hf(path: Path) -> dict[str, Any]:
+def _read_hf(path: Path, trust_pickles: bool) -> dict[str, Any]:
     state: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[str, Any]] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -75,7 +94,7 @@ def _read_hf(path: Path) -> dict[str, Any]:
     ckpt: dict[str, Any] = {"state_dict": state, "hf": {"safetensors": shards, "files": {}}}
     opt = path / _HF_OPTIMIZER
     if opt.is_file():
-        ckpt["optimizer_states"] = [torch.load(opt, map_location="cpu", weights_only=False)]
+        ckpt["optimizer_states"] = [load_torch_file(opt, trust_pickles=trust_pickles)]
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
         if f.is_file() and f.suffix != ".safetensors" and rel != _HF_OPTIMIZER:
@@ -104,28 +123,29 @@ def _model_order(path: Path) -> list[str]:
 
 
 def write_any(ckpt: dict[str, Any], fmt: str, out: str | os.PathLike) -> Path:
-    """Write a decoded checkpoint back in its original format; returns the path written."""
+    """Write a decoded checkpoint back in its original format; returns the path written.
+
+    A ``.ckpt`` replaces ``out`` in one rename; an HF folder is built beside ``out`` and swapped in
+    whole, so a reader never sees half a checkpoint. Callers decide whether ``out`` may be replaced.
+    """
     out = Path(out)
     if fmt == HF_TRAINER:
-        out.mkdir(parents=True, exist_ok=True)
         hf = ckpt["hf"]
         sd = ckpt["state_dict"]
-        for name, shard in hf["safetensors"].items():
-            tensors = {k: sd[k].contiguous() for k in shard["keys"]}
-            tmp = out / f".{name}.tmp"
-            save_file(tensors, str(tmp), metadata=shard["metadata"])
-            os.replace(tmp, out / name)
-        if ckpt.get("optimizer_states"):
-            tmp = out / f".{_HF_OPTIMIZER}.tmp"
-            torch.save(ckpt["optimizer_states"][0], tmp)
-            os.replace(tmp, out / _HF_OPTIMIZER)
-        for rel, data in hf["files"].items():
-            atomic_write_bytes(out / rel, data)
+        with atomic_directory(out) as staging:
+            for name, shard in hf["safetensors"].items():
+                tensors = {k: sd[k].contiguous() for k in shard["keys"]}
+                save_file(tensors, str(staging / name), metadata=shard["metadata"])
+            if ckpt.get("optimizer_states"):
+                torch.save(ckpt["optimizer_states"][0], staging / _HF_OPTIMIZER)
+            for rel, data in hf["files"].items():
+                target = staging / rel
+                if ".." in Path(rel).parts or Path(rel).is_absolute():
+                    raise FormatError(f"{out}: the stored file name {rel!r} points outside the folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
         return out
-    tmp = out.parent / f".{out.name}.tmp"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    atomic_torch_save(ckpt, out)
     return out
 
 

@@ -15,6 +15,7 @@ Three building blocks, each with one job:
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -182,26 +183,54 @@ def encode_indices(idx: np.ndarray, *, level: int = 3) -> bytes:
     return _IDX_HEAD.pack(mode, bits, n) + payload
 
 
-def decode_indices(blob: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_indices` (returns a uint8 array)."""
+def bounded_decompress(frame: bytes | memoryview, limit: int) -> bytes:
+    """Decompress one zstd frame whose output may not exceed ``limit`` bytes.
+
+    zstandard allocates the size a frame *declares* and ignores ``max_output_size`` when the frame
+    declares one, so the declaration is checked first: a crafted frame cannot make the reader
+    allocate more than the caller knows to be possible.
+    """
+    declared = zstandard.frame_content_size(frame)
+    if declared > limit:
+        raise ValueError(f"a compressed stream declares {declared} bytes where at most {limit} fit")
+    if declared == 0 or limit == 0:
+        return b""
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+
+
+def decode_indices(blob: bytes, expected: int | None = None) -> np.ndarray:
+    """Inverse of :func:`encode_indices` (returns a uint8 array).
+
+    Args:
+        blob: the stream.
+        expected: the number of codes the caller knows the stream must hold; a stream that claims
+            another count is refused before anything is allocated.
+    """
+    if len(blob) < _IDX_HEAD.size:
+        raise ValueError("index stream is shorter than its header")
     mode, bits, n = _IDX_HEAD.unpack_from(blob, 0)
+    if expected is not None and n != expected:
+        raise ValueError(f"index stream holds {n} codes where {expected} are expected")
     payload = memoryview(blob)[_IDX_HEAD.size :]
     if mode == _MODE_CONST:
         return np.full(n, bits, dtype=np.uint8)
-    dctx = zstandard.ZstdDecompressor()
+    if not 1 <= bits <= 8:
+        raise ValueError(f"index stream has {bits} bits per code")
     if mode == _MODE_BYTES:
-        return np.frombuffer(dctx.decompress(payload, max_output_size=n), dtype=np.uint8).copy()
+        return np.frombuffer(bounded_decompress(payload, n), dtype=np.uint8).copy()
     if mode == _MODE_PACKED:
-        return _unpack(dctx.decompress(payload, max_output_size=n), bits, n)
+        return _unpack(bounded_decompress(payload, (n * bits + 7) // 8 + 1), bits, n)
     if mode == _MODE_SPLIT:
         vbits, occ_len = struct.unpack_from("<BQ", payload, 0)
         off = struct.calcsize("<BQ")
-        occ = np.unpackbits(
-            np.frombuffer(dctx.decompress(payload[off : off + occ_len], max_output_size=n), np.uint8)
-        )
+        if not 1 <= vbits <= 8 or occ_len > len(payload) - off:
+            raise ValueError("index stream's occupancy map is malformed")
+        occ = np.unpackbits(np.frombuffer(bounded_decompress(payload[off : off + occ_len], (n + 7) // 8), np.uint8))
+        if occ.size < n:
+            raise ValueError("index stream's occupancy map is too short")
         nz = occ[:n].astype(bool)
         count = int(nz.sum())
-        vals = _unpack(dctx.decompress(payload[off + occ_len :], max_output_size=n), vbits, count)
+        vals = _unpack(bounded_decompress(payload[off + occ_len :], (count * vbits + 7) // 8 + 1), vbits, count)
         out = np.zeros(n, dtype=np.uint8)
         out[nz] = vals + 1
         return out
@@ -267,19 +296,26 @@ def encode_lossless(t: torch.Tensor, *, level: int = 1) -> bytes:
 
 def decode_lossless(blob: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`encode_lossless`."""
-    numel = int(np.prod(shape)) if len(shape) else 1
+    numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     width = torch.empty(0, dtype=dtype).element_size()
+    if len(blob) < 1:
+        raise ValueError("lossless record is empty")
     (count,) = struct.unpack_from("<B", blob, 0)
     if count != width:
         raise ValueError(f"lossless record holds {count} byte planes, expected {width} for {dtype}")
     lengths = struct.unpack_from(f"<{count}Q", blob, 1)
-    out = np.empty((width, numel), dtype=np.uint8)
-    dctx = zstandard.ZstdDecompressor()
     off = 1 + 8 * count
+    if off + sum(lengths) != len(blob):
+        raise ValueError("lossless record's plane lengths do not add up to its size")
+    starts = [off + sum(lengths[:i]) for i in range(count)]
+    for start, length in zip(starts, lengths, strict=True):  # every declared size checked before allocating
+        if zstandard.frame_content_size(blob[start : start + length]) != numel:
+            raise ValueError(f"lossless byte plane does not declare {numel} bytes")
+    out = np.empty((width, numel), dtype=np.uint8)
     for i, length in enumerate(lengths):
-        plane = dctx.decompress(blob[off : off + length], max_output_size=numel)
+        plane = bounded_decompress(blob[off : off + length], numel)
         if len(plane) != numel:
             raise ValueError(f"lossless byte plane {i} holds {len(plane)} bytes, expected {numel}")
         out[i] = np.frombuffer(plane, dtype=np.uint8)

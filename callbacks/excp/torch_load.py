@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from callbacks.excp.chain import load_checkpoint
+from callbacks.excp.decoder import load_checkpoint
 from callbacks.excp.fileformat import is_excp_file
 
 __all__ = ["read_excp_checkpoints"]
@@ -36,6 +36,10 @@ def _excp_path(f: Any) -> str | None:
 def read_excp_checkpoints() -> Iterator[None]:
     """Route ``torch.load(<ExCP file path>, ...)`` to :func:`load_checkpoint` while the block runs.
 
+    For code that this project does not control (``LightningModule.load_from_checkpoint``); it
+    patches ``torch.load`` process-wide for the duration of the block, so avoid it in threaded code.
+    ``train.py`` and the Trainer do not need it: they read ExCP files through the codec directly.
+
     Example::
 
         with read_excp_checkpoints():
@@ -46,7 +50,8 @@ def read_excp_checkpoints() -> Iterator[None]:
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         path = _excp_path(f)
         if path is not None:
-            return load_checkpoint(path, weights_only=kwargs.get("weights_only", False))
+            # like torch >= 2.6: safe unless the caller passes weights_only=False explicitly
+            return load_checkpoint(path, weights_only=kwargs.get("weights_only", True))
         return original(f, *args, **kwargs)
 
     torch.load = load

@@ -1,0 +1,115 @@
+"""Build hostile ExCP files for the safety tests and bench/excp_safety.py: corrupted, truncated or
+crafted with *valid* checksums (so the reader's structural checks, not its checksums, must stop them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+
+from callbacks.excp import ExCPEncoder, ExCPSettings
+from callbacks.excp.fileformat import END_MAGIC, MAGIC
+from common.atomic import atomic_write_bytes
+
+_PREFIX = struct.Struct("<8sII")
+
+
+def split_file(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header, records bytes)`` of a well-formed ExCP file."""
+    _, _, header_length = _PREFIX.unpack_from(data, 0)
+    header_bytes = data[_PREFIX.size : _PREFIX.size + header_length]
+    header = json.loads(zstandard.ZstdDecompressor().decompress(header_bytes))
+    records = data[_PREFIX.size + header_length + 4 : -(32 + len(END_MAGIC))]
+    return header, records
+
+
+def assemble(header: dict[str, Any], records: bytes, version: int = 1) -> bytes:
+    """File bytes with every checksum recomputed (header crc, record crcs are the caller's business)."""
+    header_bytes = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    body = _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes
+    body += struct.pack("<I", zlib.crc32(header_bytes)) + records
+    return body + hashlib.sha256(body).digest() + END_MAGIC
+
+
+def rewrite(data: bytes, mutate: Callable[[dict[str, Any]], None]) -> bytes:
+    """The same file with ``mutate`` applied to its header and checksums made valid again."""
+    header, records = split_file(data)
+    mutate(header)
+    return assemble(header, records)
+
+
+def replace_record(data: bytes, index: int, blob: bytes) -> bytes:
+    """The same file with record ``index`` replaced by ``blob`` (record table and checksums valid)."""
+    header, records = split_file(data)
+    table = header["records"]
+    parts = [records[r["offset"] : r["offset"] + r["length"]] for r in table]
+    parts[index] = blob
+    offset = 0
+    for record, part in zip(table, parts, strict=True):
+        record.update(offset=offset, length=len(part), crc32=zlib.crc32(part))
+        offset += len(part)
+    return assemble(header, b"".join(parts))
+
+
+class Planted:
+    """Unpickling this (without ``weights_only``) creates ``marker``: proof that a file ran code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
+def planted_skeleton(marker: str | Path) -> bytes:
+    """A zstd'd pickle whose loading with weights_only=False creates ``marker``."""
+    buffer = io.BytesIO()
+    torch.save({"global_step": 1, "hyper_parameters": {"x": Planted(str(marker))}}, buffer, pickle_protocol=2)
+    return zstandard.ZstdCompressor().compress(buffer.getvalue())
+
+
+def raw_planted_pickle(marker: str | Path) -> bytes:
+    """A plain pickle (not a torch zip) that creates ``marker`` when unpickled."""
+    return pickle.dumps({"state_dict": {}, "x": Planted(str(marker))})
+
+
+def checkpoint(step: int, size: int = 24) -> dict[str, Any]:
+    """A small Adam-style training checkpoint whose weights drift with ``step``."""
+    generator = torch.Generator().manual_seed(step)
+    weight = torch.ones(size, size) + 1e-2 * step * torch.randn(size, size, generator=generator)
+    return {
+        "global_step": step,
+        "epoch": 0,
+        "state_dict": {"w": weight, "b": torch.full((size,), float(step))},
+        "optimizer_states": [
+            {
+                "state": {
+                    0: {"step": torch.tensor(float(step)), "exp_avg": 1e-3 * weight, "exp_avg_sq": 1e-6 * weight.abs()},
+                },
+                "param_groups": [{"params": [0], "lr": 1e-3}],
+            }
+        ],
+    }
+
+
+def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24) -> list[Path]:
+    """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths."""
+    encoder = ExCPEncoder(ExCPSettings(keyframe_interval=keyframe_interval, kmeans_sample=256))
+    paths = []
+    for step in range(count):
+        path = folder / f"step{step}.ckpt"
+        encoded = encoder.encode(checkpoint(step, size), target=path)
+        atomic_write_bytes(path, encoded.data)
+        encoder.commit(encoded, path)
+        paths.append(path)
+    return paths

@@ -55,6 +55,10 @@ def test_fit_lowers_loss_then_resume_continues_exactly(tmp_path: Path, tiny_mode
     lr_resumed = resumed.optimizers[0].param_groups[0]["lr"]
     lr_original = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr_resumed == pytest.approx(lr_original)
+    # the same batches in the same order, the same optimizer state: the same weights as never stopping
+    uninterrupted = module.state_dict()
+    for name, tensor in resumed.lightning_module.state_dict().items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_validate_reports_token_weighted_loss_and_ppl(tmp_path: Path, tiny_model_config, cpu_trainer_kwargs) -> None:

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.sharding import configure_sharding
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -64,6 +65,11 @@ class CausalLMModule(L.LightningModule):
                 f"{self.model.config.vocab_size}: raise vocab_size in model_config or pick a matching tokenizer"
             )
         self.val_loss = MeanMetric()
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 per decoder layer, then the root (a no-op otherwise)."""
+        configure_sharding(self, shard=[self.model])
 
     @override
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from common.errors import UserFacingError
@@ -51,7 +51,10 @@ def is_fully_sharded(model: nn.Module) -> bool:
 
 
 def configure_sharding(
-    module: L.LightningModule, shard: Sequence[nn.Module] = (), replicate: Sequence[nn.Module] = ()
+    module: L.LightningModule,
+    shard: Sequence[nn.Module] = (),
+    replicate: Sequence[nn.Module] = (),
+    per_rank_work: bool = False,
 ) -> None:
     """Call from ``configure_model``: shard ``shard`` under FSDP/FSDP2, keep ``replicate`` whole on every rank.
 
@@ -64,11 +67,19 @@ def configure_sharding(
     of the items: a sharded model would all-gather per forward and hang when ranks differ) or for small
     parts called outside the model's forward (Flextron's routers). Their trainable parameters' gradients
     are averaged over the data-parallel ranks here, since no sharded wrapper sees them.
+
+    ``per_rank_work=True`` (the probes) refuses DeepSpeed ZeRO-3, which partitions every parameter and
+    offers no way to keep a module whole.
     """
     trainer = module._trainer
     if trainer is None:
         return
     strategy = trainer.strategy
+    if per_rank_work and isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        raise ShardingError(
+            f"{type(module).__name__} under DeepSpeed ZeRO stage 3: ZeRO-3 partitions every parameter, but each "
+            "rank runs its own share of the items (no lockstep forwards); use deepspeed_stage2, fsdp2, fsdp or ddp"
+        )
     if isinstance(strategy, ModelParallelStrategy):
         group = _fsdp2_shard(module, shard)
     elif isinstance(strategy, FSDPStrategy):

@@ -106,7 +106,7 @@ class ICLvsGDProbe(L.LightningModule):
     @override
     def configure_model(self) -> None:
         """Never sharded: each rank scores its own work units, so a sharded model would need lockstep forwards."""
-        configure_sharding(self, replicate=[self.lm])
+        configure_sharding(self, replicate=[self.lm], per_rank_work=True)
 
     def _model_for(self, variant: str) -> torch.nn.Module:
         if variant == "pretrained":

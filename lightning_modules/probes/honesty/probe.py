@@ -158,7 +158,7 @@ class HonestyProbe(L.LightningModule):
                 lm, load_tokenizer(tok_name), label, bool(spec.get("chat", True))
             )
         # never sharded: each rank generates for its own trials, and sharded forwards would need lockstep
-        configure_sharding(self, replicate=list(self.lms.values()))
+        configure_sharding(self, replicate=list(self.lms.values()), per_rank_work=True)
 
     # ---- scoring ---------------------------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def test_trainer_config_parses_with_every_component(parser, trainer_name: str) -
     trainer_config = f"configs/trainer/{trainer_name}.yaml"
     shipped = yaml.safe_load((REPO_ROOT / trainer_config).read_text())["trainer"]
     for component in COMPONENT_CONFIGS:
-        config = parser.parse_args(["--config", str(REPO_ROOT / component), "--config", str(REPO_ROOT / trainer_config)])
+        args = ["--config", str(REPO_ROOT / component), "--config", str(REPO_ROOT / trainer_config)]
+        config = parser.parse_args(args)
         for key, value in shipped.items():
             if key != "strategy":
                 assert config.trainer[key] == value, (component, key)

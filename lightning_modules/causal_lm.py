@@ -32,7 +32,7 @@ class CausalLMModule(L.LightningModule):
         betas: Adam betas. (0.9, 0.95) is the usual LLM choice.
         warmup_steps: Linear warmup length in optimizer steps.
         min_lr_ratio: Cosine schedule floor, as a fraction of ``learning_rate``.
-        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, CUDA only) to save optimizer memory.
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit states, CUDA or CPU) to save optimizer memory.
         seed: Seeds the initialisation of an inline-config model.
     """
 
@@ -133,8 +133,6 @@ class CausalLMModule(L.LightningModule):
     def _make_optimizer(self) -> torch.optim.Optimizer:
         kwargs = {"lr": self.hparams.learning_rate, "betas": tuple(self.hparams.betas)}
         if self.hparams.optimizer == "adamw8bit":
-            if self.device.type != "cuda":
-                raise ValueError("optimizer 'adamw8bit' needs a CUDA device (bitsandbytes kernels): use 'adamw' on CPU")
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(self._parameter_groups(), **kwargs)

@@ -102,12 +102,30 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     last = ckpt_dir / "last.ckpt"
     out["last_is_excp"] = last.is_file() and is_excp_file(last)
     callbacks = [ExCP(print_summary=False, log_stats=False)] if out["excp"] == "compressed" else []
+    if out["last_is_excp"]:
+        out["restored_equals_decoded"] = _restored_equals_decoded(name, root, module(), last)
     resumed = trainer(name, root, max_steps=6, limit_val_batches=1, val_check_interval=2, callbacks=callbacks,
                       enable_checkpointing=False)
     resumed.fit(module(), datamodule=_text_data(), ckpt_path=str(last))
     out["resumed_global_step"] = resumed.global_step
     out["val_loss"] = float(resumed.callback_metrics["val/loss"])
     return out
+
+
+def _restored_equals_decoded(name: str, root: Path, module: L.LightningModule, last: Path) -> bool:
+    """Resume without training (max_steps already reached): the sharded weights must equal the decoded file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from callbacks.excp import ExCP, load_checkpoint
+
+    t = trainer(name, root, max_steps=4, limit_val_batches=0, callbacks=[ExCP(print_summary=False, log_stats=False)],
+                enable_checkpointing=False)
+    t.fit(module, datamodule=_text_data(), ckpt_path=str(last))
+    restored = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if t.global_rank != 0:
+        return True  # the full state dict is gathered on rank 0 only
+    decoded = load_checkpoint(last)["state_dict"]
+    return restored.keys() == decoded.keys() and all(torch.equal(restored[k], decoded[k]) for k in decoded)
 
 
 def run_flextron(name: str, root: Path) -> dict[str, Any]:

@@ -89,6 +89,8 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
     if component == "causal_lm":
         assert cell["excp"].startswith(EXCP[strategy]), cell["excp"]
         assert cell["last_is_excp"] == (EXCP[strategy] == "compressed")
+        if cell["last_is_excp"]:
+            assert cell["restored_equals_decoded"], "the sharded model did not get the decoded ExCP weights"
         assert cell["resumed_global_step"] == 6  # resumed at step 4 from last.ckpt, then 2 more steps
         assert cell["val_loss"] < 6.0  # ln(384) = 5.95: finite and not worse than uniform after resuming
     elif component == "flextron":

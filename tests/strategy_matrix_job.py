@@ -25,7 +25,11 @@ import lightning as L
 import torch
 import yaml
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: its CPU accelerator
+# bench/gpu_check.sh runs the same job on GPUs: LUMENLM_MATRIX_ACCELERATOR=gpu LUMENLM_MATRIX_DEVICES=1.
+ACCELERATOR = os.environ.get("LUMENLM_MATRIX_ACCELERATOR", "cpu")
+DEVICES = int(os.environ.get("LUMENLM_MATRIX_DEVICES", "2"))
+if ACCELERATOR == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: its CPU accelerator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -54,14 +58,24 @@ def strategy_from_config(name: str) -> Any:
     if isinstance(spec, str):
         return spec
     module, cls_name = spec["class_path"].rsplit(".", 1)
-    cls = SHIMS.get(cls_name) or getattr(importlib.import_module(module), cls_name)
+    shim = SHIMS.get(cls_name) if ACCELERATOR == "cpu" else None
+    cls = shim or getattr(importlib.import_module(module), cls_name)
     kwargs = {k: _resolve(v) for k, v in (spec.get("init_args") or {}).items()}
+    if "data_parallel_size" in kwargs:
+        kwargs["data_parallel_size"] = DEVICES
     return cls(**kwargs)
 
 
+def _precision(name: str) -> str:
+    """32-bit on CPU; on GPUs the shipped config's mixed precision where it sets one."""
+    trainer = yaml.safe_load((REPO / "configs" / "trainer" / f"{name}.yaml").read_text())["trainer"]
+    return "32-true" if ACCELERATOR == "cpu" else trainer.get("precision", "32-true")
+
+
 def trainer(name: str, root: Path, **kwargs: Any) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=2, strategy=strategy_from_config(name), precision="32-true",
-                logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    args = dict(accelerator=ACCELERATOR, devices=DEVICES, strategy=strategy_from_config(name),
+                precision=_precision(name), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=str(root))
     return L.Trainer(**(args | kwargs))
 
 

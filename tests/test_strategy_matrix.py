@@ -103,3 +103,30 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
             assert cell["results"]["units"] == reference["units"]
         else:
             assert cell["results"]["records"] == reference["records"]
+
+
+@pytest.mark.slow
+def test_train_py_fsdp2_writes_excp_files_and_resumes_from_them(tmp_path: Path) -> None:
+    """The README command on 2 CPU processes: quickstart + fsdp2.yaml with a tiny model, then --ckpt_path."""
+    from callbacks.excp import is_excp_file, load_checkpoint
+
+    tiny = ("{model_type: llama, vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+            "num_attention_heads: 4, num_key_value_heads: 2}")
+    base = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--config",
+            "configs/trainer/fsdp2.yaml", "--config", "configs/trainer/csv_logger.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--model.init_args.model=null",
+            f"--model.init_args.model_config={tiny}", "--model.init_args.tokenizer=byt5",
+            "--data.init_args.tokenizer=byt5", "--data.init_args.max_tokens=20000", "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}/run", f"--trainer.callbacks.dirpath={tmp_path}/ckpt"]
+    env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline"}
+    first = subprocess.run([*base, "--trainer.max_steps=20"], capture_output=True, text=True, cwd=REPO_ROOT,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert is_excp_file(last) and is_excp_file(tmp_path / "ckpt" / "epoch=0-step=20.ckpt")
+    assert load_checkpoint(last)["global_step"] == 20
+    second = subprocess.run([*base, "--trainer.max_steps=30", f"--ckpt_path={last}"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in second.stdout + second.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 30

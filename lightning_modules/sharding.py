@@ -37,12 +37,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     )
 
 
-def uses_fsdp2(module: L.LightningModule) -> bool:
-    """True when the module runs under ``ModelParallelStrategy`` (FSDP2 via ``fully_shard``)."""
-    trainer = module._trainer
-    return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
-
-
 def is_fully_sharded(model: nn.Module) -> bool:
     """True once ``fully_shard`` has been applied to ``model`` (so ``configure_model`` can run again safely)."""
     from torch.distributed.fsdp import FSDPModule
@@ -68,8 +62,8 @@ def configure_sharding(
     parts called outside the model's forward (Flextron's routers). Their trainable parameters' gradients
     are averaged over the data-parallel ranks here, since no sharded wrapper sees them.
 
-    ``per_rank_work=True`` (the probes) refuses DeepSpeed ZeRO-3, which partitions every parameter and
-    offers no way to keep a module whole.
+    ``per_rank_work=True`` (the probes): no gradient averaging (ranks do different work), and DeepSpeed
+    ZeRO-3 is refused, since it partitions every parameter and offers no way to keep a module whole.
     """
     trainer = module._trainer
     if trainer is None:
@@ -98,7 +92,9 @@ def configure_sharding(
                     continue
                 if tensor.device != device:
                     tensor.data = tensor.data.to(device)
-                if isinstance(tensor, nn.Parameter) and tensor.requires_grad and id(tensor) not in hooked:
+                # never on per-rank work: a copy (ICL's GD) would carry the hook into unmatched collectives
+                trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad and not per_rank_work
+                if trainable and id(tensor) not in hooked:
                     tensor.register_post_accumulate_grad_hook(_averager(group))
                     tensor._lumen_averaged = True
                     hooked.add(id(tensor))

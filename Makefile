@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements-offline.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"  # the `deepspeed` extra; setup.py imports torch
 	$(BIN)/python -m pip install -q --no-deps -r requirements-offline.txt
 	touch $(STAMP)
 

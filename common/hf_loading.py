@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,8 @@ def load_causal_lm(
         model_config: Used when ``model`` is None: ``{"model_type": "llama", ...}`` for tiny models in
             tests and from-scratch runs.
         dtype: Parameter dtype. GGUF weights are dequantized to this.
-        quantization: ``"8bit"`` or ``"4bit"`` to load through bitsandbytes (linear layers only).
+        quantization: ``"8bit"`` or ``"4bit"`` to load through bitsandbytes (linear layers only); applied
+            to ``model_config`` models too (their random weights are quantized).
         seed: Seeds the random initialisation of a config-built model, so tests are reproducible.
 
     Under ``with torch.device("meta")`` a pretrained source yields its architecture on the meta device
@@ -232,7 +234,14 @@ def load_causal_lm(
         config = config_from_dict(model_config)
         if seed is not None:
             torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        built = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        quant = _quantization_config(quantization, torch_dtype)
+        if quant is None:
+            return built
+        # bitsandbytes quantizes while loading weights: round-trip the random weights through a folder
+        with tempfile.TemporaryDirectory(prefix="lumenlm-quantize-") as folder:
+            built.save_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=quant)
     if model_config is not None:
         raise ModelLoadError("give `model` or `model_config`, not both")
     source, kwargs = _source_kwargs(model)

@@ -1,6 +1,6 @@
 """In-context classification tasks declared as data, and the datamodule that feeds the ICL-vs-GD probe.
 
-A task is a small frozen record (where the examples come from, which fields form the input, the label
+A task is a small hashable record (where the examples come from, which fields form the input, the label
 words, the prompt template and the delimiters), in the spirit of lm-evaluation-harness task configs:
 adding a task means adding one entry to ``TASKS`` (or passing an ``ICLTask`` in YAML), never code.
 
@@ -31,7 +31,9 @@ class TaskLoadError(UserFacingError):
     """Raised with a one-line message when a task's examples cannot be loaded."""
 
 
-@dataclass(frozen=True)
+# Hashable but not frozen: Lightning's FSDP/DeepSpeed precision plugins rebuild every dataclass in a
+# batch (apply_to_collection) and refuse frozen ones; nothing here mutates a task or an example.
+@dataclass(unsafe_hash=True)
 class ICLTask:
     """A classification task as data.
 
@@ -66,7 +68,7 @@ class ICLTask:
             raise ValueError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
         if len(set(self.label_words)) != len(self.label_words):
             raise ValueError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
-        # Frozen dataclass fields may arrive as lists from YAML; store tuples so tasks stay hashable.
+        # Fields may arrive as lists from YAML; store tuples so tasks stay hashable.
         object.__setattr__(self, "label_words", tuple(self.label_words))
         object.__setattr__(self, "input_fields", tuple(self.input_fields))
 
@@ -100,7 +102,7 @@ class ICLTask:
         return [self.choice(i) for i in range(self.num_classes)]
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # not frozen, for the precision plugins (see ICLTask)
 class Example:
     """One labelled example; ``index`` is its position in the task's full example list."""
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.sharding import configure_sharding
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -32,7 +33,7 @@ class CausalLMModule(L.LightningModule):
         betas: Adam betas. (0.9, 0.95) is the usual LLM choice.
         warmup_steps: Linear warmup length in optimizer steps.
         min_lr_ratio: Cosine schedule floor, as a fraction of ``learning_rate``.
-        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, CUDA only) to save optimizer memory.
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes 8-bit states, CUDA or CPU) to save optimizer memory.
         seed: Seeds the initialisation of an inline-config model.
     """
 
@@ -65,6 +66,11 @@ class CausalLMModule(L.LightningModule):
                 f"{self.model.config.vocab_size}: raise vocab_size in model_config or pick a matching tokenizer"
             )
         self.val_loss = MeanMetric()
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 per decoder layer, then the root (a no-op otherwise)."""
+        configure_sharding(self, shard=[self.model])
 
     @override
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -128,8 +134,6 @@ class CausalLMModule(L.LightningModule):
     def _make_optimizer(self) -> torch.optim.Optimizer:
         kwargs = {"lr": self.hparams.learning_rate, "betas": tuple(self.hparams.betas)}
         if self.hparams.optimizer == "adamw8bit":
-            if self.device.type != "cuda":
-                raise ValueError("optimizer 'adamw8bit' needs a CUDA device (bitsandbytes kernels): use 'adamw' on CPU")
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(self._parameter_groups(), **kwargs)

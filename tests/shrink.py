@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ SIZE_CAPS: dict[str, int] = {
 }
 #: Lists kept to their first few entries (fewer tasks, N values and seeds).
 LIST_CAPS: dict[str, int] = {"tasks": 1, "n_demos": 2, "seeds": 1}
+#: Command-line overrides that swap a config's model for the tiny one (for tests that parse configs as given).
+TINY_MODEL_OVERRIDES: list[str] = [
+    "--model.init_args.model=null",
+    f"--model.init_args.model_config={json.dumps(TINY_LLAMA_CONFIG)}",
+]
 QUIET_TRAINER: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False}
 
 

@@ -13,9 +13,10 @@ from lightning.pytorch import LightningModule
 
 from tests.conftest import REPO_ROOT, parse_config
 from tests.shrink import merge_configs, shrink, shrunk_config_file
+from tests.test_strategy_configs import TRAINER_CONFIGS
 
-# Strategy configs are parsed, composed and run by the strategy tests.
-STRATEGY_TEST_CONFIGS = ["configs/trainer/ddp.yaml", "configs/trainer/fsdp.yaml", "configs/trainer/deepspeed.yaml"]
+# Strategy configs are parsed and composed with every component config by the strategy tests.
+STRATEGY_TEST_CONFIGS = [f"configs/trainer/{name}.yaml" for name in TRAINER_CONFIGS]
 
 TRAINER_CONFIGS_CPU = ["configs/trainer/cpu.yaml", "configs/trainer/csv_logger.yaml"]
 
@@ -80,7 +81,8 @@ def test_cpu_trainer_config_sets_what_it_says(tmp_path: Path) -> None:
 
 def test_csv_logger_config_replaces_wandb(tmp_path: Path) -> None:
     cli = _parse_shrunk("configs/quickstart.yaml", "configs/trainer/csv_logger.yaml", root=tmp_path, quiet=False)
-    assert [type(logger).__name__ for logger in cli.trainer.loggers] == ["CSVLogger"]
+    assert [type(logger).__name__ for logger in cli.trainer.loggers] == ["RunCSVLogger"]
+    assert cli.trainer.loggers[0].save_dir == str(tmp_path)
 
 
 def test_every_shipped_config_is_covered() -> None:

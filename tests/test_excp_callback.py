@@ -130,14 +130,19 @@ def test_top_k_deletion_keeps_chains_readable(tiny_model_config, cpu_trainer_kwa
 def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    with pytest.raises(UserFacingError, match="FSDPStrategy.*bypassing the CheckpointIO"):
+    with pytest.raises(UserFacingError, match="under FSDPStrategy: FSDP \\(FSDP1\\) saves sharded checkpoints"):
         ExCP().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
 
     class DeepSpeedStrategy(DDPStrategy):  # stands in for the real one, which needs deepspeed installed
         pass
 
-    with pytest.raises(UserFacingError, match="DeepSpeed writes its own sharded checkpoint"):
+    with pytest.raises(UserFacingError, match="the DeepSpeed engine writes and reads its own checkpoint folders"):
         ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy()), None, "fit")
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    with pytest.raises(UserFacingError, match="set save_distributed_checkpoint: false"):
+        ExCP().setup(SimpleNamespace(strategy=ModelParallelStrategy()), None, "fit")
 
 
 def test_invalid_settings_fail_early():

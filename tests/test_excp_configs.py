@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 
 from callbacks.excp import ExCP, is_excp_file, load_checkpoint, read_excp_checkpoints
+from common.hf_loading import TINY_LLAMA_CONFIG
 from tests.conftest import REPO_ROOT, parse_config
+from tests.shrink import TINY_MODEL_OVERRIDES
 
-TINY_MODEL = [
-    "--model.init_args.model=null",
-    "--model.init_args.model_config={model_type: llama, vocab_size: 384, hidden_size: 32, intermediate_size: 64, "
-    "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1}",
-]
+TINY_MODEL = TINY_MODEL_OVERRIDES
 
 
 def _excp(cli) -> ExCP:
@@ -75,4 +73,4 @@ def test_tiny_config_runs_and_reports_the_ratio(tmp_path, capsys):
 
     with read_excp_checkpoints():
         module = CausalLMModule.load_from_checkpoint(last)
-    assert module.hparams.model_config["hidden_size"] == 32
+    assert module.hparams.model_config["hidden_size"] == TINY_LLAMA_CONFIG["hidden_size"]

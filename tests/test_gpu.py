@@ -1,6 +1,6 @@
 """Checks that need CUDA: FSDP, DeepSpeed, bitsandbytes kernels. Deselected by default.
 
-Run them on a GPU machine with ``pytest -m gpu`` (DeepSpeed needs ``pip install -e '.[gpu]'``). Each
+Run them on a GPU machine with ``pytest -m gpu`` (DeepSpeed is the ``deepspeed`` extra). Each
 test fails, rather than skips, when CUDA is missing: a GPU run that silently tested nothing would lie.
 """
 
@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, parse_config
+from tests.shrink import TINY_MODEL_OVERRIDES
 
 pytestmark = pytest.mark.gpu
 
 TINY = [
-    "--model.init_args.model=null",
-    "--model.init_args.model_config={model_type: llama, vocab_size: 384, hidden_size: 64, intermediate_size: 128, "
-    "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}",
+    *TINY_MODEL_OVERRIDES,
     "--data.init_args.max_tokens=20000",
     "--trainer.max_steps=4",
     "--trainer.val_check_interval=2",
@@ -49,15 +48,14 @@ def test_fsdp_fit_bf16(tmp_path: Path) -> None:
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "excp" not in c["class_path"]]
     path = tmp_path / "no_excp.yaml"
     path.write_text(yaml.safe_dump(config))
-    trainer = _fit(tmp_path, str(path), "configs/trainer/fsdp.yaml")
+    trainer = _fit(tmp_path, str(path), "configs/trainer/fsdp.yaml")  # ExCP refuses FSDP1
     assert trainer.global_step == 4
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/loss"])))
 
 
 def test_deepspeed_fit_and_excp_refuses_it(tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed", reason="DeepSpeed is the `gpu` extra: pip install -e '.[gpu]'")
     with pytest.raises(ValueError, match="ExCP cannot compress checkpoints under DeepSpeedStrategy"):
-        _fit(tmp_path, "configs/trainer/deepspeed.yaml")
+        _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml")
 
 
 def test_adamw8bit_trains_on_cuda(tmp_path: Path) -> None:

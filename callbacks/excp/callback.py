@@ -17,15 +17,9 @@ from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.fileformat import is_excp_file
 from callbacks.excp.references import REFS_DIR
+from callbacks.excp.sharded import prepare_strategy
 from common.errors import UserFacingError
 
-# Strategies that save or load without going through the strategy's CheckpointIO.
-_BYPASSING = {
-    "DeepSpeedStrategy": "DeepSpeed writes its own sharded checkpoint files",
-    "FSDPStrategy": "FSDP saves sharded checkpoints and loads full ones without the CheckpointIO",
-    "ModelParallelStrategy": "ModelParallelStrategy writes distributed (sharded) checkpoints",
-    "XLAStrategy": "XLA saves through its own xm.save path",
-}
 _LOGGED = (
     "ratio",
     "bits_per_param_w",
@@ -98,12 +92,7 @@ class ExCP(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        for cls in type(strategy).__mro__:
-            if cls.__name__ in _BYPASSING:
-                raise UserFacingError(
-                    f"ExCP cannot compress checkpoints under {type(strategy).__name__}: {_BYPASSING[cls.__name__]}, "
-                    "bypassing the CheckpointIO. Use strategy='ddp' or a single device, or remove the ExCP callback."
-                )
+        prepare_strategy(strategy)  # refuses strategies that bypass the CheckpointIO; routes FSDP2 loading
         current = strategy.checkpoint_io  # the public property: a TorchCheckpointIO unless a plugin is set
         if isinstance(current, ExCPCheckpointIO) and current is not self._io:
             if current.settings != self.settings:

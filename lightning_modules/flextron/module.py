@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -35,6 +36,7 @@ from typing_extensions import override
 
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.sharding import configure_sharding, refuse_strategy
 
 from .budgets import METRICS, CostTable, cost_table
 from .constrained import RTOL, constrained_choices, min_cost
@@ -191,6 +193,13 @@ class FlextronModule(L.LightningModule):
         self.val_losses = nn.ModuleDict({"full": MeanMetric(), **{_mkey(b): MeanMetric() for b in self.budgets}})
 
     # ------------------------------------------------------------------ setup
+    @override
+    def configure_model(self) -> None:
+        """Shard the LLM under FSDP2; routers stay whole on every rank (read outside the LLM's forward)."""
+        refuse_strategy(self, FSDPStrategy, "FlextronModule: FSDPStrategy (FSDP1) fails in backward on its repeated "
+                        "sub-network forwards; use configs/trainer/fsdp2.yaml (ModelParallelStrategy), ddp or deepspeed")
+        configure_sharding(self, shard=[self.model], replicate=[m for m in (self.router, self.surrogate) if m])
+
     @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.converted:

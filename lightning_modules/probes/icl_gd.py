@@ -26,6 +26,7 @@ from datamodules.icl_tasks import WorkUnit
 from lightning_modules.probes import icl_report
 from lightning_modules.probes.icl_finetune import GDConfig
 from lightning_modules.probes.icl_runner import ScoringOptions, json_safe, run_unit
+from lightning_modules.sharding import configure_sharding
 
 RESULTS_FILE = "icl_gd_results.json"
 
@@ -101,6 +102,11 @@ class ICLvsGDProbe(L.LightningModule):
         ).eval()
         self.lm.requires_grad_(False)
         self.tokenizer = load_tokenizer(hp.tokenizer or hp.model or "byt5")
+
+    @override
+    def configure_model(self) -> None:
+        """Never sharded: each rank scores its own work units, so a sharded model would need lockstep forwards."""
+        configure_sharding(self, replicate=[self.lm], per_rank_work=True)
 
     def _model_for(self, variant: str) -> torch.nn.Module:
         if variant == "pretrained":

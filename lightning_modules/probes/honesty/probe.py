@@ -39,6 +39,7 @@ from lightning_modules.probes.honesty.plots import (
 )
 from lightning_modules.probes.honesty.scoring import aggregate, dedupe, record_utilities
 from lightning_modules.probes.honesty.speaker_model import helpfulness, honesty
+from lightning_modules.sharding import configure_sharding
 
 METHODS: tuple[str, ...] = ("loglik", "letter", "generate")
 ANSWER_FORMAT = {"loglik": "text", "letter": "letter", "generate": "text"}
@@ -156,6 +157,8 @@ class HonestyProbe(L.LightningModule):
             self.backends[label] = HFBackend(
                 lm, load_tokenizer(tok_name), label, bool(spec.get("chat", True))
             )
+        # never sharded: each rank generates for its own trials, and sharded forwards would need lockstep
+        configure_sharding(self, replicate=list(self.lms.values()), per_rank_work=True)
 
     # ---- scoring ---------------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""ExCP under sharded strategies: what each one writes, and how its checkpoints are read back through the codec.
+
+* ``ModelParallelStrategy`` (FSDP2) with ``save_distributed_checkpoint=False`` gathers the full model and
+  optimizer state on rank 0 and saves it through the CheckpointIO, so ExCP compresses it as under DDP. Its
+  loader reads files with ``torch.load(mmap=True)`` instead of the CheckpointIO, so :func:`prepare_strategy`
+  routes ExCP files through the codec (every rank decodes the chain) and loads the full state into the
+  sharded model and optimizer the way Lightning does for a plain full checkpoint.
+* Everything else that saves or loads outside the CheckpointIO is refused at setup in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+
+from callbacks.excp.fileformat import is_excp_file
+from common.errors import UserFacingError
+
+# Strategies that save or load without going through the strategy's CheckpointIO (by class name, so that
+# no optional package such as DeepSpeed is imported to check).
+_BYPASSING = {
+    "DeepSpeedStrategy": "the DeepSpeed engine writes and reads its own checkpoint folders",
+    "FSDPStrategy": "FSDP (FSDP1) saves sharded checkpoints with torch.distributed.checkpoint and loads full ones "
+    "with torch.load; use ModelParallelStrategy (configs/trainer/fsdp2.yaml) with save_distributed_checkpoint: false",
+    "XLAStrategy": "XLA saves through its own xm.save path",
+}
+
+
+class ExCPStrategyError(UserFacingError):
+    """ExCP cannot compress the checkpoints of the configured strategy; the message says what to use."""
+
+
+def prepare_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose checkpoints bypass the CheckpointIO; route FSDP2 full-state loading through ExCP."""
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in _BYPASSING:
+            raise ExCPStrategyError(
+                f"ExCP cannot compress checkpoints under {type(strategy).__name__}: {_BYPASSING[cls.__name__]}; "
+                "or remove the ExCP callback"
+            )
+    if isinstance(strategy, ModelParallelStrategy):
+        if strategy._save_distributed_checkpoint:
+            raise ExCPStrategyError(
+                "ExCP cannot compress ModelParallelStrategy's distributed (per-rank) checkpoints: set "
+                "save_distributed_checkpoint: false (configs/trainer/fsdp2.yaml does) or remove the ExCP callback"
+            )
+        _route_full_loading(strategy)
+
+
+def _route_full_loading(strategy: ModelParallelStrategy) -> None:
+    if getattr(strategy, "_excp_loader_installed", False):
+        return
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(strategy.broadcast(checkpoint_path))
+        if not (path.is_file() and is_excp_file(path)):
+            return original(checkpoint_path, weights_only=weights_only)
+        checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        load_full_state(strategy, checkpoint)
+        return checkpoint
+
+    strategy.load_checkpoint = load_checkpoint
+    strategy._excp_loader_installed = True
+
+
+def load_full_state(strategy: ModelParallelStrategy, checkpoint: dict[str, Any]) -> None:
+    """Load a full (gathered) Lightning checkpoint into the FSDP2-sharded model and optimizers, in place.
+
+    The same steps as Lightning's own full-checkpoint branch (``fabric/strategies/model_parallel.py``
+    ``_load_checkpoint``), which only accepts a path: the model's entry is popped, as there.
+    """
+    from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    module = strategy.model
+    strict = strategy.lightning_module.strict_loading
+    _load_raw_module_state(checkpoint.pop("state_dict"), module, strict=strict)
+    options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+    for index, optimizer in enumerate(strategy.optimizers):
+        state = _rekey_optimizer_state_if_needed(checkpoint["optimizer_states"][index], module)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)

@@ -1,0 +1,84 @@
+"""Test-only shims that let FSDP (torch FSDP1) and DeepSpeed run on CPU with gloo. Never used by the library.
+
+Both strategies are refused on CPU only by device checks, not by anything the computation needs:
+
+* FSDP: ``lightning/pytorch/trainer/connectors/accelerator_connector.py`` (``_check_strategy_and_fallback``)
+  raises "The strategy `fsdp` requires a GPU accelerator" when ``type(strategy) is FSDPStrategy`` (a
+  subclass passes), and ``strategies/fsdp.py`` (``_setup_model``) passes ``device_id=root_device.index``,
+  which is None on CPU, so torch's ``fsdp/_init_utils.py`` raises "FSDP needs a non-CPU accelerator device".
+  The shim is a subclass that passes ``device_id=torch.device("cpu")`` and uses gloo.
+* DeepSpeed: ``strategies/deepspeed.py`` ``setup_environment`` raises "The DeepSpeed strategy is only supported
+  on CUDA GPUs" and ``setup_distributed`` checks CUDA device indices. With ``DS_ACCELERATOR=cpu`` DeepSpeed
+  itself runs on CPU; the shim skips those two checks, initialises the process group with gloo and names
+  the device ``cpu:<local rank>`` (the engine needs a device index: ``_set_distributed_vars`` compares it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from typing_extensions import override
+
+
+@contextlib.contextmanager
+def _fsdp1_device_id_cpu() -> Iterator[None]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    original = FullyShardedDataParallel.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("device_id") is None:
+            kwargs["device_id"] = torch.device("cpu")
+        original(self, *args, **kwargs)
+
+    FullyShardedDataParallel.__init__ = init
+    try:
+        yield
+    finally:
+        FullyShardedDataParallel.__init__ = original
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy on CPU: the same strategy with ``device_id=cpu`` and the gloo backend (see module docstring)."""
+
+    @override
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        with _fsdp1_device_id_cpu():
+            return super()._setup_model(model)
+
+    @override
+    def _get_process_group_backend(self) -> str:
+        return "gloo"
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy on CPU (needs ``DS_ACCELERATOR=cpu``): the CUDA checks skipped, gloo (see module docstring)."""
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        # DeepSpeed's engine reads `device_rank=root_device.index` and fails on None (plain "cpu");
+        # torch treats cpu:<n> as the CPU.
+        return torch.device("cpu", self.local_rank)
+
+    @override
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # DeepSpeedStrategy's own override only adds the CUDA check
+
+    @override
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = "gloo"
+        self._init_deepspeed_distributed()
+
+    @override
+    def _get_process_group_backend(self) -> str:
+        return "gloo"

@@ -1,0 +1,132 @@
+"""Every component under FSDP (FSDP1), FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo).
+
+One 2-process job (``tests/strategy_matrix_job.py``) runs the whole matrix, because starting the processes
+costs more than the tiny runs. FSDP and DeepSpeed are refused on CPU only by device checks; the job swaps
+in the test-only shims of ``tests/strategy_shims.py``, whose docstring names the refusing lines:
+``accelerator_connector.py`` ``_check_strategy_and_fallback`` and ``strategies/fsdp.py`` ``_setup_model``
+(``device_id=None``) for FSDP, ``strategies/deepspeed.py`` ``setup_environment``/``setup_distributed`` for
+DeepSpeed (run with ``DS_ACCELERATOR=cpu``). FSDP2 (``ModelParallelStrategy``) runs as shipped.
+
+Where the work is split (the probes score their own share of the items on each rank), the results must
+equal a one-process run of the same probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+STRATEGIES = ("fsdp2", "fsdp", "deepspeed_stage2", "deepspeed_stage3")
+COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
+# Cells refused at setup, with the start of their one-line message; every other cell must work.
+REFUSED = {
+    ("fsdp", "flextron"): "FlextronModule: FSDPStrategy (FSDP1) fails in backward",
+    ("deepspeed_stage3", "icl_probe"): "ICLvsGDProbe under DeepSpeed ZeRO stage 3",
+    ("deepspeed_stage3", "honesty_probe"): "HonestyProbe under DeepSpeed ZeRO stage 3",
+}
+# ExCP compresses only where checkpoints pass through the CheckpointIO; elsewhere it refuses in one line.
+EXCP = {
+    "fsdp2": "compressed",
+    "fsdp": "refused: ExCP cannot compress checkpoints under CPUFSDPStrategy: FSDP (FSDP1)",
+    "deepspeed_stage2": "refused: ExCP cannot compress checkpoints under CPUDeepSpeedStrategy: the DeepSpeed engine",
+    "deepspeed_stage3": "refused: ExCP cannot compress checkpoints under CPUDeepSpeedStrategy: the DeepSpeed engine",
+}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("matrix")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "MPLBACKEND": "Agg"}
+    env.pop("LOCAL_RANK", None)
+    job = [sys.executable, str(REPO_ROOT / "tests" / "strategy_matrix_job.py"), ",".join(STRATEGIES), str(out)]
+    result = subprocess.run(job, capture_output=True, text=True, cwd=out, env=env, timeout=540)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The probes' results on one process: what every split run must reproduce."""
+    from tests.strategy_probes import honesty_data, honesty_probe, honesty_results, icl_data, icl_probe, icl_results
+
+    root = tmp_path_factory.mktemp("one")
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, default_root_dir=str(root))
+    L.seed_everything(0, verbose=False)
+    icl = icl_probe()
+    L.Trainer(**kwargs).test(icl, datamodule=icl_data(), verbose=False)
+    L.seed_everything(0, verbose=False)
+    honesty = honesty_probe()
+    L.Trainer(**kwargs).test(honesty, datamodule=honesty_data(), verbose=False)
+    return {"icl_probe": icl_results(icl), "honesty_probe": honesty_results(honesty)}
+
+
+def _cell(matrix: Path, strategy: str, component: str) -> dict[str, Any]:
+    path = matrix / strategy / f"{component}.json"
+    assert path.is_file(), f"the job wrote no result for {strategy} x {component}"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, component: str) -> None:
+    cell = _cell(matrix, strategy, component)
+    refusal = REFUSED.get((strategy, component))
+    if refusal is not None:
+        assert not cell["ok"] and cell["error"].startswith(f"ShardingError: {refusal}"), cell.get("error")
+        assert "\n" not in cell["error"]
+        return
+    assert cell["ok"], cell.get("traceback", cell)
+    if component == "causal_lm":
+        assert cell["excp"].startswith(EXCP[strategy]), cell["excp"]
+        assert cell["last_is_excp"] == (EXCP[strategy] == "compressed")
+        if cell["last_is_excp"]:
+            assert cell["restored_equals_decoded"], "the sharded model did not get the decoded ExCP weights"
+        assert cell["resumed_global_step"] == 6  # resumed at step 4 from last.ckpt, then 2 more steps
+        assert cell["val_loss"] < 6.0  # ln(384) = 5.95: finite and not worse than uniform after resuming
+    elif component == "flextron":
+        assert cell["global_step"] == 4
+        assert cell["routers_equal"], "replicated routers drifted apart across ranks"
+    else:
+        reference = one_process[component]
+        if component == "icl_probe":
+            assert cell["results"]["ranks"] == [0, 1], "the work was not split across the 2 ranks"
+            assert cell["results"]["units"] == reference["units"]
+        else:
+            assert cell["results"]["records"] == reference["records"]
+
+
+@pytest.mark.slow
+def test_train_py_fsdp2_writes_excp_files_and_resumes_from_them(tmp_path: Path) -> None:
+    """The README command on 2 CPU processes: quickstart + fsdp2.yaml with a tiny model, then --ckpt_path."""
+    from callbacks.excp import is_excp_file, load_checkpoint
+
+    tiny = ("{model_type: llama, vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+            "num_attention_heads: 4, num_key_value_heads: 2}")
+    base = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--config",
+            "configs/trainer/fsdp2.yaml", "--config", "configs/trainer/csv_logger.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--model.init_args.model=null",
+            f"--model.init_args.model_config={tiny}", "--model.init_args.tokenizer=byt5",
+            "--data.init_args.tokenizer=byt5", "--data.init_args.max_tokens=20000", "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}/run", f"--trainer.callbacks.dirpath={tmp_path}/ckpt"]
+    env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline"}
+    first = subprocess.run([*base, "--trainer.max_steps=20"], capture_output=True, text=True, cwd=REPO_ROOT,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert is_excp_file(last) and is_excp_file(tmp_path / "ckpt" / "epoch=0-step=20.ckpt")
+    assert load_checkpoint(last)["global_step"] == 20
+    second = subprocess.run([*base, "--trainer.max_steps=30", f"--ckpt_path={last}"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in second.stdout + second.stderr
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 30

@@ -123,7 +123,7 @@ def shrink(config: dict[str, Any], root: Path, quiet: bool = True) -> dict[str, 
     if quiet:
         trainer.update(QUIET_TRAINER)
         if trainer.get("logger"):  # a local CSV logger instead of W&B: callbacks that need a logger still work
-            trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+            trainer["logger"] = {"class_path": "lightning_modules.loggers.RunCSVLogger",
                                  "init_args": {"save_dir": str(root / "logs")}}
         callbacks = trainer.get("callbacks") or []
         trainer["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("ProgressBar")]

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write the static router's sub-network for a budget")
     ex.add_argument("--checkpoint", required=True, help="a FlextronModule Lightning checkpoint (.ckpt)")
     pick = ex.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--budget", type=float, help="fraction of the full cost, inside the trained range (static router)")
+    pick.add_argument("--budget", type=float,
+                      help="fraction of the full cost, inside the trained range (static router)")
     pick.add_argument("--subnet", help='a fixed routing as JSON, e.g. \'{"mlp": [384, 768], "attn": [1, 2]}\' '
                       "(widths in neurons / KV groups per layer; optional \"skip\"): for dynamic routers or by hand")
     ex.add_argument("--routing", choices=("constrained", "argmax"), default=None,

@@ -200,7 +200,8 @@ def latency_table(elm: ElasticLM, space: WidthSpace, mode: str = "prefill", seq_
     The network runs at each uniform width (MLP choice j and attention choice j together; the shorter
     list repeats its full width), hooks time each layer's attention and MLP modules, and the minimum
     over ``reps`` fills ``table[l, j]``. The minimum over repetitions is used throughout (here and in
-    :func:`measure_latency`): on a shared machine interference only ever adds time. The fixed term is the end-to-end time minus all hooked
+    :func:`measure_latency`): on a shared machine interference only ever adds time. The fixed term is
+    the end-to-end time minus all hooked
     time at full width.
 
     Args:

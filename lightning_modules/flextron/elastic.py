@@ -123,7 +123,8 @@ class WidthSpace:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"width ratios must lie in (0, 1], got {r}")
         mlp = sorted(
-            {max(mlp_multiple, int(round(r * spec.intermediate_size / mlp_multiple)) * mlp_multiple) for r in mlp_ratios}
+            {max(mlp_multiple, int(round(r * spec.intermediate_size / mlp_multiple)) * mlp_multiple)
+             for r in mlp_ratios}
             | {spec.intermediate_size}
         )
         mlp = [min(m, spec.intermediate_size) for m in mlp]

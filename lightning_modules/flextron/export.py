@@ -83,7 +83,8 @@ def build_subnetwork(elm: ElasticLM, cfg: SubnetConfig) -> PreTrainedModel:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"sliced weights do not fit the export architecture: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"sliced weights do not fit the export architecture: missing={missing} unexpected={unexpected}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
@@ -181,7 +182,8 @@ def subnet_masks(elm: ElasticLM, cfg: SubnetConfig) -> tuple[torch.Tensor, torch
 def uniform_subnet(elm: ElasticLM, space: WidthSpace, index: int) -> SubnetConfig:
     """Every layer at choice ``index`` of ``space`` (clamped per list)."""
     L = space.num_layers
-    return SubnetConfig([space.mlp[min(index, len(space.mlp) - 1)]] * L, [space.attn[min(index, len(space.attn) - 1)]] * L)
+    mlp, attn = space.mlp[min(index, len(space.mlp) - 1)], space.attn[min(index, len(space.attn) - 1)]
+    return SubnetConfig([mlp] * L, [attn] * L)
 
 
 __all__ = ["build_subnetwork", "export_config", "export_subnetwork", "subnet_masks", "uniform_subnet"]

@@ -116,7 +116,8 @@ def register() -> None:
     """Register the classes with the Auto* factories (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for cfg, model in ((FlextronLlamaConfig, FlextronLlamaForCausalLM), (FlextronGPTNeoXConfig, FlextronGPTNeoXForCausalLM)):
+    pairs = ((FlextronLlamaConfig, FlextronLlamaForCausalLM), (FlextronGPTNeoXConfig, FlextronGPTNeoXForCausalLM))
+    for cfg, model in pairs:
         try:
             AutoConfig.register(cfg.model_type, cfg)
         except ValueError:

@@ -25,7 +25,6 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -33,39 +32,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
 from lightning_modules.schedules import warmup_cosine
 
-from .budgets import METRICS, CostTable, cost_table
+from .budgets import CostTable, cost_table
 from .constrained import RTOL, constrained_choices, min_cost
 from .elastic import ElasticLM, SubnetConfig, WidthSpace
 from .importance import activation_importance, sort_by_importance
-from .losses import LOSSES, lm_loss, task_loss
-from .routers import (
-    DynamicRouter,
-    LossSurrogate,
-    StaticRouter,
-    TemperatureSchedule,
-    budget_loss,
-    expected_cost_tempered,
-    sample_choices,
-    widths_to_masks,
-)
-
-ROUTERS = ("static", "dynamic")
-ROUTINGS = ("constrained", "argmax")
-UPDATES = ("direct", "surrogate")
+from .losses import task_loss
+from .objectives import RoutingDraw, draw_routing, surrogate_fit_loss, surrogate_router_objective
+from .plan import STAGES, StepPlan, plan_step, stage_at
+from .routers import DynamicRouter, LossSurrogate, StaticRouter, TemperatureSchedule, widths_to_masks
+from .settings import ROUTINGS, check_choice, check_settings
+from .validation import FlextronValidation, metric_key
 
 
-def _key(b: float) -> str:
-    return f"{b:g}"
-
-
-def _mkey(b: float) -> str:
-    return "b" + _key(b).replace(".", "_")
-
-
-class FlextronModule(L.LightningModule):
+class FlextronModule(FlextronValidation):
     """Elastic many-in-one LLM training (Flextron).
 
     Args:
@@ -149,23 +132,9 @@ class FlextronModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value, allowed in (("budget_metric", budget_metric, METRICS), ("router", router, ROUTERS),
-                                     ("router_update", router_update, UPDATES), ("loss", loss, LOSSES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
-            raise ValueError(f"budgets must be fractions in (0, 1], got {list(budgets)}")
-        if router == "dynamic" and router_update == "surrogate":
-            raise ValueError("the loss surrogate scores one width choice per batch: use router_update='direct' "
-                             "with router='dynamic'")
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-        if not 0.0 <= routing_slack <= 1.0:
-            raise ValueError(f"routing_slack must be in [0, 1], got {routing_slack}")
-        if elastic_sampling not in ("per_layer", "uniform"):
-            raise ValueError(f"elastic_sampling must be 'per_layer' or 'uniform', got {elastic_sampling!r}")
-        if not 0.0 <= full_prob <= 1.0:
-            raise ValueError(f"full_prob must be in [0, 1], got {full_prob}")
+        check_settings(budgets=budgets, budget_metric=budget_metric, router=router, router_update=router_update,
+                       loss=loss, routing=routing, routing_slack=routing_slack, elastic_sampling=elastic_sampling,
+                       full_prob=full_prob, interp_prob=interp_prob)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = load_causal_lm(model, model_config=model_config, seed=seed)
@@ -175,12 +144,14 @@ class FlextronModule(L.LightningModule):
         spec = self.elastic.spec
         self.space = WidthSpace.from_ratios(spec, mlp_ratios, attn_ratios, mlp_multiple)
         self.budgets = sorted(float(b) for b in budgets)
-        L_, km, ka = spec.num_layers, len(self.space.mlp), len(self.space.attn)
+        num_layers, mlp_choices, attn_choices = spec.num_layers, len(self.space.mlp), len(self.space.attn)
         if router == "static":
-            self.router = StaticRouter(self.budgets, L_, km, ka, router_hidden)
+            self.router = StaticRouter(self.budgets, num_layers, mlp_choices, attn_choices, router_hidden)
         else:
-            self.router = DynamicRouter(spec.hidden_size, self.budgets, L_, km, ka, router_hidden, per_token)
-        self.surrogate = LossSurrogate(L_ * (km + ka)) if router_update == "surrogate" else None
+            self.router = DynamicRouter(spec.hidden_size, self.budgets, num_layers, mlp_choices, attn_choices,
+                                        router_hidden, per_token)
+        self.surrogate = (LossSurrogate(num_layers * (mlp_choices + attn_choices)) if router_update == "surrogate"
+                          else None)
         self.register_buffer("mlp_unit_masks", self.space.unit_masks("mlp"), persistent=False)
         self.register_buffer("attn_unit_masks", self.space.unit_masks("attn"), persistent=False)
         self.cost: CostTable | None = None
@@ -188,7 +159,7 @@ class FlextronModule(L.LightningModule):
         self._teacher: list[nn.Module] = []  # a list keeps the frozen copy out of state_dict / DDP
         self._val_subnets: dict[float, SubnetConfig] = {}  # static routing, fixed within a validation epoch
         # ModuleDict keys cannot hold ".": budget 0.5 is stored as "b0_5"
-        self.val_losses = nn.ModuleDict({"full": MeanMetric(), **{_mkey(b): MeanMetric() for b in self.budgets}})
+        self.val_losses = nn.ModuleDict({"full": MeanMetric(), **{metric_key(b): MeanMetric() for b in self.budgets}})
 
     # ------------------------------------------------------------------ setup
     @override
@@ -196,7 +167,7 @@ class FlextronModule(L.LightningModule):
         if stage == "fit" and not self.converted:
             self._convert()
         if self.cost is None:
-            self._build_cost_table()
+            self.build_cost_table()
             self._warn_unreachable_budgets()
         if stage == "fit" and not self._teacher and "kd" in self.hparams.loss:
             teacher = copy.deepcopy(self.model).eval()
@@ -209,7 +180,8 @@ class FlextronModule(L.LightningModule):
         if n > 0:
             dm = self.trainer.datamodule if self.trainer is not None else None
             if dm is None:
-                raise ValueError("importance calibration needs a datamodule: pass one to fit, or calibration_batches=0")
+                raise UserFacingError(
+                    "importance calibration needs a datamodule: pass one to fit, or calibration_batches=0")
             scores = activation_importance(self.model, dm.train_dataloader(), max_batches=n)
             if self.trainer.world_size > 1:
                 scores = {k: self.trainer.strategy.reduce(v.to(self.device), reduce_op="sum").cpu().double()
@@ -217,7 +189,12 @@ class FlextronModule(L.LightningModule):
             sort_by_importance(self.model, scores)
         self.converted = True
 
-    def _build_cost_table(self) -> None:
+    def build_cost_table(self) -> None:
+        """Build the cost table of ``budget_metric`` (latency: measured on rank zero and broadcast).
+
+        Setup calls it; a module restored from a checkpoint without a stored table (or a tool that
+        wants a fresh measurement) calls it directly.
+        """
         metric = self.hparams.budget_metric
         table = None
         trainer = self._trainer
@@ -234,8 +211,8 @@ class FlextronModule(L.LightningModule):
         if low:
             rank_zero_warn(
                 f"budgets {low} are below the smallest reachable {self.hparams.budget_metric} fraction {floor:.3f} "
-                "(narrowest width everywhere): validation reports the narrowest sub-network for them; add narrower mlp_ratios/attn_ratios "
-                "or raise the budgets"
+                "(narrowest width everywhere): validation reports the narrowest sub-network for them; "
+                "add narrower mlp_ratios/attn_ratios or raise the budgets"
             )
 
     @override
@@ -251,18 +228,17 @@ class FlextronModule(L.LightningModule):
 
     # ------------------------------------------------------------------ routing
     def stage_at(self, step: int) -> str:
-        h = self.hparams
-        if step < h.elastic_steps:
-            return "elastic"
-        return "router" if step < h.elastic_steps + h.router_steps else "joint"
+        """``elastic``, ``router`` or ``joint`` at optimizer step ``step``."""
+        return stage_at(step, self.hparams.elastic_steps, self.hparams.router_steps)
 
     def tau(self, step: int) -> float:
-        h = self.hparams
-        steps = h.tau_steps
+        """Gumbel temperature at ``step`` (decays over the routed stages)."""
+        hp = self.hparams
+        steps = hp.tau_steps
         if steps is None:
             total = int(self.trainer.max_steps) if self._trainer is not None and self.trainer.max_steps > 0 else 1000
-            steps = max(1, total - h.elastic_steps)
-        return TemperatureSchedule(h.tau_start, h.tau_end, steps)(step - h.elastic_steps)
+            steps = max(1, total - hp.elastic_steps)
+        return TemperatureSchedule(hp.tau_start, hp.tau_end, steps)(step - hp.elastic_steps)
 
     def router_logits(self, budget: float | Tensor, input_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Width logits ``[..., L, K]`` for ``budget`` (and the input, for the dynamic router)."""
@@ -285,15 +261,15 @@ class FlextronModule(L.LightningModule):
                 :class:`~.constrained.BudgetUnreachableError`.
         """
         if not isinstance(self.router, StaticRouter):
-            raise ValueError("a fixed sub-network per budget needs the static router (the dynamic one routes per input)")
+            raise UserFacingError(
+                "a fixed sub-network per budget needs the static router (the dynamic one routes per input)")
         routing = routing or self.hparams.get("routing", "constrained")
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        check_choice("routing", routing, ROUTINGS)
         lm, la = self.router(budget)
         if routing == "argmax":
             return SubnetConfig.from_choices(self.space, lm.argmax(-1).tolist(), la.argmax(-1).tolist())
         if self.cost is None:
-            raise ValueError("constrained routing needs the cost table: call setup() or load a checkpoint first")
+            raise UserFacingError("constrained routing needs the cost table: call setup() or load a checkpoint first")
         c = self.cost
         d = constrained_choices(lm.float().cpu(), la.float().cpu(), c.fixed, c.mlp, c.attn, budget * c.full,
                                 slack=self.hparams.get("routing_slack", 0.03), clamp=clamp)
@@ -312,6 +288,12 @@ class FlextronModule(L.LightningModule):
     def _step_rng(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step)
 
+    def plan_step(self, step: int) -> StepPlan:
+        """What optimizer step ``step`` trains (the same on every rank: the draws are seeded by the step)."""
+        hp = self.hparams
+        return plan_step(self.stage_at(step), self._step_rng(step), self.budgets, self.space, hp.full_prob,
+                         hp.interp_prob, hp.elastic_sampling)
+
     def _teacher_logits(self, input_ids: Tensor) -> Tensor | None:
         if not self._teacher:
             return None
@@ -325,159 +307,75 @@ class FlextronModule(L.LightningModule):
         logits = self.model(input_ids=batch["input_ids"], use_cache=False).logits
         return task_loss(self.hparams.loss, logits, batch["labels"], teacher, self.hparams.kd_temperature)
 
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        h = self.hparams
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        step = self.global_step
-        stage = self.stage_at(step)
-        gen = self._step_rng(step)
-        u = torch.rand(3, generator=gen)
-        ids = batch["input_ids"]
-        bs = ids.shape[0]
-        teacher = self._teacher_logits(ids) if "kd" in h.loss else None
-        train_llm = stage != "router"
-        logs: dict[str, Tensor | float] = {}
+    def _masked_task_loss(self, batch: dict[str, Tensor], teacher: Tensor | None, routing: RoutingDraw) -> Tensor:
+        """Task loss through soft width masks, so it reaches the router probabilities (direct update)."""
+        self.elastic.set_masks(widths_to_masks(routing.mlp_choice, self.mlp_unit_masks),
+                               widths_to_masks(routing.attn_choice, self.attn_unit_masks))
+        try:
+            return self._forward_loss(batch, teacher)
+        finally:
+            self.elastic.set_subnet(None)
 
-        # the router stage always routes: a full-model step there would train nothing (the LLM is frozen)
-        if stage == "elastic" or (stage == "joint" and float(u[0]) < h.full_prob):
-            # full model, or (elastic stage) a random nested sub-network with uniform per-layer choices
-            cfg = None
-            if stage == "elastic" and float(u[0]) >= h.full_prob:
-                L_ = self.space.num_layers
-                n = 1 if h.elastic_sampling == "uniform" else L_
-                mi = torch.randint(len(self.space.mlp), (n,), generator=gen).expand(L_)
-                if h.elastic_sampling == "uniform":  # attention follows the MLP ratio
-                    frac = self.space.mlp[int(mi[0])] / self.space.mlp[-1]
-                    ai = torch.full((L_,), min(range(len(self.space.attn)), key=lambda j: abs(
-                        self.space.attn[j] / self.space.attn[-1] - frac)))
-                else:
-                    ai = torch.randint(len(self.space.attn), (L_,), generator=gen)
-                cfg = SubnetConfig.from_choices(self.space, mi.tolist(), ai.tolist())
-            with self.elastic.subnet(cfg):
-                loss = self._forward_loss(batch, teacher)
-            total = loss
-            logs["train/budget"] = 1.0 if cfg is None else self.realized(cfg)
-        else:
-            if float(u[1]) < h.interp_prob:
-                budget = self.budgets[0] + float(u[2]) * (self.budgets[-1] - self.budgets[0])
-            else:
-                budget = self.budgets[int(float(u[2]) * len(self.budgets)) % len(self.budgets)]
-            tau = self.tau(step)
-            lm_logits, la_logits = self.router_logits(budget, ids)
-            pm = sample_choices(lm_logits, tau, True)
-            pa = sample_choices(la_logits, tau, True)
-            cost = expected_cost_tempered(self.cost, lm_logits, la_logits, tau)
-            b_loss = budget_loss(cost, budget, self.cost.full, h.budget_tolerance).mean()
-            logs.update({"train/tau": tau, "train/budget_requested": budget,
-                         "train/budget_expected": (cost.mean() / self.cost.full).detach()})
-            if h.router_update == "direct":
-                self.elastic.set_masks(widths_to_masks(pm, self.mlp_unit_masks),
-                                       widths_to_masks(pa, self.attn_unit_masks))
-                try:
-                    loss = self._forward_loss(batch, teacher)
-                finally:
-                    self.elastic.set_subnet(None)
-                total = loss + h.budget_weight * b_loss
-            else:
-                cfg = SubnetConfig.from_choices(self.space, pm.argmax(-1).tolist(), pa.argmax(-1).tolist())
-                with self.elastic.subnet(cfg), torch.set_grad_enabled(train_llm):
-                    loss = self._forward_loss(batch, teacher)
-                fit = self.surrogate.fit_loss(pm[None], pa[None], loss.detach()[None])
-                ready = bool(self.surrogate.rel_error < h.surrogate_threshold)
-                ready = self.trainer.strategy.reduce_boolean_decision(ready, all=True)
-                # the routers learn only once the surrogate is trustworthy (paper, Fig. 3)
-                router_obj = b_loss * 0.0
-                if ready:
-                    router_obj = h.budget_weight * b_loss + self.surrogate.predict_frozen(pm[None], pa[None]).mean()
-                total = (loss if train_llm else loss.detach() * 0) + fit + router_obj
-                logs["train/surrogate_rel_error"] = self.surrogate.rel_error
-                logs["train/surrogate_ready"] = float(ready)
-            logs["train/budget_loss"] = b_loss.detach()
+    def _surrogate_ready(self) -> bool:
+        ready = bool(self.surrogate.rel_error < self.hparams.surrogate_threshold)
+        return self.trainer.strategy.reduce_boolean_decision(ready, all=True)
 
-        opt.zero_grad(set_to_none=True)
+    def _routed_losses(self, batch: dict[str, Tensor], teacher: Tensor | None, plan: StepPlan,
+                       logs: dict[str, Tensor | float]) -> tuple[Tensor, Tensor]:
+        """Task loss and total objective of a step whose sub-network the routers choose."""
+        hp = self.hparams
+        tau = self.tau(self.global_step)
+        mlp_logits, attn_logits = self.router_logits(plan.budget, batch["input_ids"])
+        routing = draw_routing(mlp_logits, attn_logits, self.cost, plan.budget, tau, hp.budget_tolerance)
+        logs.update({"train/tau": tau, "train/budget_requested": plan.budget,
+                     "train/budget_expected": (routing.expected_cost.mean() / self.cost.full).detach(),
+                     "train/budget_loss": routing.budget_loss.detach()})
+        if hp.router_update == "direct":
+            loss = self._masked_task_loss(batch, teacher, routing)
+            return loss, loss + hp.budget_weight * routing.budget_loss
+        subnet = SubnetConfig.from_choices(self.space, routing.mlp_choice.argmax(-1).tolist(),
+                                           routing.attn_choice.argmax(-1).tolist())
+        with self.elastic.subnet(subnet), torch.set_grad_enabled(plan.train_llm):
+            loss = self._forward_loss(batch, teacher)
+        fit = surrogate_fit_loss(self.surrogate, routing, loss)
+        ready = self._surrogate_ready()
+        router_objective = surrogate_router_objective(self.surrogate, routing, hp.budget_weight, ready)
+        logs["train/surrogate_rel_error"] = self.surrogate.rel_error
+        logs["train/surrogate_ready"] = float(ready)
+        llm_objective = loss if plan.train_llm else loss.detach() * 0
+        return loss, llm_objective + fit + router_objective
+
+    def _optimizer_step(self, total: Tensor, train_llm: bool) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         if not train_llm:  # router stage: the LLM stays frozen (AdamW skips parameters without grads)
             for p in self.model.parameters():
                 p.grad = None
-        if h.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/stage", float(("elastic", "router", "joint").index(stage)), batch_size=bs)
-        for k, v in logs.items():
-            self.log(k, v, batch_size=bs)
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        self.lr_schedulers().step()
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        plan = self.plan_step(self.global_step)
+        teacher = self._teacher_logits(batch["input_ids"]) if "kd" in self.hparams.loss else None
+        logs: dict[str, Tensor | float] = {}
+        if plan.routed:
+            loss, total = self._routed_losses(batch, teacher, plan, logs)
+        else:
+            with self.elastic.subnet(plan.subnet):
+                loss = self._forward_loss(batch, teacher)
+            total = loss
+            logs["train/budget"] = 1.0 if plan.subnet is None else self.realized(plan.subnet)
+        self._optimizer_step(total, plan.train_llm)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/stage", float(STAGES.index(plan.stage)), batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(key, value, batch_size=batch_size)
         return total.detach()
-
-    # ------------------------------------------------------------------ validation
-    @override
-    def on_validation_epoch_start(self) -> None:
-        # the constrained decode takes up to ~1 s per budget at 30 layers: once per epoch, not per batch
-        self._val_subnets = {}
-        if isinstance(self.router, StaticRouter) and self.cost is not None:
-            self._val_subnets = {b: self.subnet_for_budget(b, clamp=True) for b in self.budgets}
-
-    @override
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        ids, labels = batch["input_ids"], batch["labels"]
-        tokens = (labels[:, 1:] != -100).sum()
-        with self.elastic.subnet(None):
-            full = lm_loss(self.model(input_ids=ids, use_cache=False).logits, labels)
-        self.val_losses["full"].update(full, weight=tokens)
-        for b in self.budgets:
-            if isinstance(self.router, StaticRouter):
-                sub = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
-                with self.elastic.subnet(sub):
-                    loss = lm_loss(self.model(input_ids=ids, use_cache=False).logits, labels)
-            else:
-                lm_, la_ = self.router_logits(b, ids)
-                pm, pa = sample_choices(lm_, 1.0, False), sample_choices(la_, 1.0, False)
-                self.elastic.set_masks(widths_to_masks(pm, self.mlp_unit_masks),
-                                       widths_to_masks(pa, self.attn_unit_masks))
-                try:
-                    loss = lm_loss(self.model(input_ids=ids, use_cache=False).logits, labels)
-                finally:
-                    self.elastic.set_subnet(None)
-                self.log(f"val/realized_b{_key(b)}", self.cost.expected(pm, pa).mean() / self.cost.full,
-                         batch_size=ids.shape[0], sync_dist=True)
-            self.val_losses[_mkey(b)].update(loss, weight=tokens)
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        for key, metric in self.val_losses.items():
-            if not metric.update_called:
-                continue
-            loss = metric.compute()
-            with torch.inference_mode(False):
-                metric.reset()
-            name = "val/loss" if key == "full" else f"val/loss_b{key[1:].replace('_', '.')}"
-            self.log(name, loss, prog_bar=key == "full")
-            self.log(name.replace("loss", "ppl"), torch.exp(loss))
-        if isinstance(self.router, StaticRouter) and self.cost is not None:
-            self._report_widths()
-        self._val_subnets = {}  # the routers train on: never reuse these choices
-
-    def _report_widths(self) -> None:
-        from common.run_outputs import log_image, log_table, run_directory
-
-        rows, grid_m, grid_a = [], [], []
-        for b in self.budgets:
-            # an unreachable trained budget (warned about at setup) reports the narrowest sub-network
-            cfg = self._val_subnets.get(b) or self.subnet_for_budget(b, clamp=True)
-            real = self.realized(cfg)
-            self.log(f"val/realized_b{_key(b)}", real)
-            self.log(f"val/budget_error_b{_key(b)}", abs(real / b - 1))
-            grid_m.append([m / self.elastic.spec.intermediate_size for m in cfg.mlp])
-            grid_a.append([a / self.elastic.spec.num_groups for a in cfg.attn])
-            rows += [[b, i, cfg.mlp[i], cfg.attn[i], real] for i in range(len(cfg.mlp))]
-        if self._trainer is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            return
-        log_table(self.trainer, "flextron/widths", ["budget", "layer", "mlp_neurons", "attn_kv_groups", "realized"], rows)
-        png = run_directory(self.trainer) / f"flextron_widths_step{self.global_step}.png"
-        plot_width_heatmap(self.budgets, grid_m, grid_a, png)
-        log_image(self.trainer, "flextron/widths_heatmap", png)
 
     # ------------------------------------------------------------------ optimizers
     @override
@@ -501,29 +399,4 @@ class FlextronModule(L.LightningModule):
 
         sched = LambdaLR(opt, [llm, llm, lambda s: 1.0])
         return [opt], [sched]
-
-
-def plot_width_heatmap(budgets: Sequence[float], mlp: list[list[float]], attn: list[list[float]], path) -> None:
-    """Two heat maps (MLP and attention width ratio per layer, one row per budget), written atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common.atomic import atomic_write_bytes
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(budgets) + 1.8))
-    for ax, grid, title in ((axes[0], mlp, "MLP width"), (axes[1], attn, "attention width")):
-        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_yticks(range(len(budgets)), [f"{b:g}" for b in budgets])
-        ax.set_xlabel("layer")
-        ax.set_ylabel("budget")
-        ax.set_title(title)
-    fig.colorbar(im, ax=axes, fraction=0.03)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import UserFacingError
+
 
 def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
     """One-hot over sorted ``budgets``, linearly interpolated between neighbours.
@@ -35,7 +37,8 @@ def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
     b = torch.as_tensor(budget, dtype=budgets.dtype, device=budgets.device)
     lo, hi = float(budgets[0]), float(budgets[-1])
     if bool(((b < lo - 1e-6) | (b > hi + 1e-6)).any()):
-        raise ValueError(f"budget {b.tolist()} outside the trained range [{lo}, {hi}]; train that budget or pick one inside")
+        raise UserFacingError(
+            f"budget {b.tolist()} outside the trained range [{lo}, {hi}]; train that budget or pick one inside")
     flat = b.reshape(-1).clamp(lo, hi)
     idx = torch.searchsorted(budgets, flat, right=True).clamp(1, len(budgets) - 1)
     left, right = budgets[idx - 1], budgets[idx]

@@ -20,7 +20,7 @@ TINY = "configs/flextron/tiny.yaml"
 def test_tiny_config_parses_and_instantiates():
     cli = parse_config(TINY)
     assert isinstance(cli.model, FlextronModule)
-    assert cli.model.space.attn == [1, 2]
+    assert cli.model.space.attn == [0, 1, 2]
     assert cli.trainer.max_steps == 8
 
 
@@ -29,7 +29,7 @@ def test_smollm2_config_parses_and_instantiates(tmp_cache):
     module = cli.model
     assert isinstance(module, FlextronModule)
     assert module.elastic.spec.num_layers == 30 and module.elastic.spec.num_groups == 3
-    assert module.space.attn == [1, 2, 3] and module.space.mlp[0] == 192
+    assert module.space.attn == [0, 1, 2, 3] and module.space.mlp[:2] == [0, 192]
     assert module.hparams.budget_metric == "latency_prefill"
 
 

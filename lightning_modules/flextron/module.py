@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -58,7 +57,8 @@ class FlextronModule(FlextronValidation):
         budgets: trained budgets as fractions of the full cost (1.0 is the full model).
         budget_metric: ``params``, ``flops``, ``latency_prefill`` or ``latency_decode`` (measured on
             the training device at setup).
-        mlp_ratios, attn_ratios: width choices per layer, as fractions of the full MLP / KV groups.
+        mlp_ratios, attn_ratios: width choices per layer, as fractions of the full MLP / KV groups; 0 skips
+            that sub-layer (Llama family), which is what makes budgets near the fixed cost reachable.
         mlp_multiple: round MLP widths to this many neurons (hardware-friendly shapes).
         router: ``static`` (budget -> widths) or ``dynamic`` (reads the input too).
         per_token: dynamic router only: route every token instead of every sequence.
@@ -98,8 +98,8 @@ class FlextronModule(FlextronValidation):
         tokenizer: str | None = None,
         budgets: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0),
         budget_metric: str = "params",
-        mlp_ratios: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
-        attn_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        mlp_ratios: Sequence[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+        attn_ratios: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
         mlp_multiple: int = 1,
         router: str = "static",
         per_token: bool = False,
@@ -168,7 +168,7 @@ class FlextronModule(FlextronValidation):
             self._convert()
         if self.cost is None:
             self.build_cost_table()
-            self._warn_unreachable_budgets()
+            self._check_budgets_reachable()
         if stage == "fit" and not self._teacher and "kd" in self.hparams.loss:
             teacher = copy.deepcopy(self.model).eval()
             teacher.requires_grad_(False)
@@ -205,15 +205,18 @@ class FlextronModule(FlextronValidation):
             table = CostTable.from_dict(trainer.strategy.broadcast(table.to_dict() if table else None, src=0))
         self.cost = table
 
-    def _warn_unreachable_budgets(self) -> None:
-        floor = float(self.cost.fixed + self.cost.mlp[:, 0].sum() + self.cost.attn[:, 0].sum()) / self.cost.full
-        low = [b for b in self.budgets if b < floor]
+    def budget_floor(self) -> float:
+        """The smallest reachable cost fraction: the narrowest width (or a skipped sub-layer) everywhere."""
+        return min_cost(self.cost.fixed, self.cost.mlp, self.cost.attn) / self.cost.full
+
+    def _check_budgets_reachable(self) -> None:
+        """Refuse to train budgets no sub-network can meet: they would train the narrowest one under a false name."""
+        low = [b for b in self.budgets if not self.is_reachable(b)]
         if low:
-            rank_zero_warn(
-                f"budgets {low} are below the smallest reachable {self.hparams.budget_metric} fraction {floor:.3f} "
-                "(narrowest width everywhere): validation reports the narrowest sub-network for them; "
-                "add narrower mlp_ratios/attn_ratios or raise the budgets"
-            )
+            raise UserFacingError(
+                f"budgets {low} are below the smallest reachable {self.hparams.budget_metric} fraction "
+                f"{self.budget_floor():.3f} (narrowest width everywhere): add narrower mlp_ratios/attn_ratios "
+                "(0 skips a sub-layer) or raise the budgets")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -256,16 +259,18 @@ class FlextronModule(FlextronValidation):
         Args:
             budget: fraction of the full cost.
             routing: ``constrained`` or ``argmax`` (None: the ``routing`` hyperparameter).
-            clamp: constrained routing only: for a budget below the narrowest sub-network, return the
-                narrowest one (see :meth:`is_reachable`) instead of raising
-                :class:`~.constrained.BudgetUnreachableError`.
+            clamp: constrained routing only: a budget below the smallest trained one is routed with that
+                budget's width distribution under the requested cost limit, and a budget below the
+                narrowest sub-network (see :meth:`is_reachable`) gets the narrowest one, instead of
+                raising :class:`~.constrained.BudgetUnreachableError` or a range error.
         """
         if not isinstance(self.router, StaticRouter):
             raise UserFacingError(
                 "a fixed sub-network per budget needs the static router (the dynamic one routes per input)")
         routing = routing or self.hparams.get("routing", "constrained")
         check_choice("routing", routing, ROUTINGS)
-        lm, la = self.router(budget)
+        below_range = clamp and routing == "constrained" and budget < self.budgets[0]
+        lm, la = self.router(self.budgets[0] if below_range else budget)
         if routing == "argmax":
             return SubnetConfig.from_choices(self.space, lm.argmax(-1).tolist(), la.argmax(-1).tolist())
         if self.cost is None:

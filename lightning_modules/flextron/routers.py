@@ -38,7 +38,8 @@ def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
     lo, hi = float(budgets[0]), float(budgets[-1])
     if bool(((b < lo - 1e-6) | (b > hi + 1e-6)).any()):
         raise UserFacingError(
-            f"budget {b.tolist()} outside the trained range [{lo}, {hi}]; train that budget or pick one inside")
+            f"budget {float(b.reshape(-1)[0]):g} outside the trained range [{lo:g}, {hi:g}]; train that budget or "
+            "pick one inside")
     flat = b.reshape(-1).clamp(lo, hi)
     idx = torch.searchsorted(budgets, flat, right=True).clamp(1, len(budgets) - 1)
     left, right = budgets[idx - 1], budgets[idx]

@@ -64,7 +64,8 @@ class FlextronModule(FlextronValidation):
         per_token: dynamic router only: route every token instead of every sequence.
         router_hidden: router hidden units.
         router_update: ``direct`` (loss through the masks) or ``surrogate`` (the paper's loss predictor).
-        surrogate_threshold: relative error below which the surrogate starts steering the routers.
+        surrogate_threshold: the surrogate steers the routers once its mean absolute error is below this
+            fraction of the observed losses' spread (standard deviation; see :class:`~.routers.LossSurrogate`).
         loss: ``kd`` (KL to the frozen full model), ``lm``, or ``kd+lm``.
         kd_temperature: distillation temperature.
         budget_weight: weight of the budget loss.
@@ -105,7 +106,7 @@ class FlextronModule(FlextronValidation):
         per_token: bool = False,
         router_hidden: int = 128,
         router_update: str = "direct",
-        surrogate_threshold: float = 0.05,
+        surrogate_threshold: float = 0.5,
         loss: str = "kd",
         kd_temperature: float = 1.0,
         budget_weight: float = 1.0,

@@ -56,11 +56,20 @@ def test_budget_below_the_floor_is_an_error_at_setup():
     assert 0.5 * 0.95 <= reachable.realized(reachable.subnet_for_budget(0.5)) <= 0.5
 
 
-def test_smollm2_reaches_0_3_of_params_and_prefill_latency(tmp_cache):
-    for metric in ("params", "latency_prefill"):
-        module = FlextronModule(model="smollm2-135m-instruct", budgets=[0.3, 1.0], budget_metric=metric,
-                                calibration_batches=0, mlp_multiple=32, latency_seq_len=64, latency_reps=2,
-                                attn_ratios=[0.0, 0.333, 0.667, 1.0])
-        module.setup("validate")  # refuses unreachable budgets
-        assert module.budget_floor() < 0.3, metric
-        assert module.realized(module.subnet_for_budget(0.3)) <= 0.3 * (1 + 1e-6), metric
+def _smollm2_reaches_0_3(metric: str) -> None:
+    module = FlextronModule(model="smollm2-135m-instruct", budgets=[0.3, 1.0], budget_metric=metric,
+                            calibration_batches=0, mlp_multiple=32, latency_seq_len=128, latency_reps=2,
+                            attn_ratios=[0.0, 0.333, 0.667, 1.0])
+    module.setup("validate")  # refuses unreachable budgets
+    assert module.budget_floor() < 0.3
+    assert 0.3 * 0.95 <= module.realized(module.subnet_for_budget(0.3)) <= 0.3 * (1 + 1e-6)
+
+
+def test_smollm2_reaches_0_3_of_params(tmp_cache):
+    _smollm2_reaches_0_3("params")
+
+
+@pytest.mark.slow
+def test_smollm2_reaches_0_3_of_prefill_latency(tmp_cache):
+    """Measures SmolLM2's latency table here (~20 s on a shared CPU)."""
+    _smollm2_reaches_0_3("latency_prefill")

@@ -11,8 +11,12 @@ Training runs in three stages, by optimizer step:
 The loss is distillation from the frozen full model (``kd``), the LM loss (``lm``) or both, plus
 ``budget_weight`` times the budget loss. Routers learn from it either directly, through the width
 masks (``router_update="direct"``), or through the paper's loss surrogate (``"surrogate"``), which is
-trained on observed losses and steers the routers only once its relative error is below
-``surrogate_threshold``.
+trained on observed losses and steers the routers only once its error is below ``surrogate_threshold``
+times the spread of the observed losses (scale-free: KD losses near 0.002 qualify as LM losses near 3 do).
+
+Width choices may include 0 (``mlp_ratios``/``attn_ratios``): that sub-layer is skipped, which lets
+routers reach budgets close to the fixed cost (embeddings, LM head). A trained budget that no
+sub-network reaches is an error at setup.
 
 Every rank samples the same budget each step (a generator seeded by the step), conversion scores are
 summed over ranks before sorting, and the latency table is measured on rank zero and broadcast, so
@@ -169,7 +173,7 @@ class FlextronModule(FlextronValidation):
             self._convert()
         if self.cost is None:
             self.build_cost_table()
-            self._check_budgets_reachable()
+        self._check_budgets_reachable()
         if stage == "fit" and not self._teacher and "kd" in self.hparams.loss:
             teacher = copy.deepcopy(self.model).eval()
             teacher.requires_grad_(False)

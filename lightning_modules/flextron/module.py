@@ -275,20 +275,22 @@ class FlextronModule(FlextronValidation):
         routing = routing or self.hparams.get("routing", "constrained")
         check_choice("routing", routing, ROUTINGS)
         below_range = clamp and routing == "constrained" and budget < self.budgets[0]
-        lm, la = self.router(self.budgets[0] if below_range else budget)
+        mlp_logits, attn_logits = self.router(self.budgets[0] if below_range else budget)
         if routing == "argmax":
-            return SubnetConfig.from_choices(self.space, lm.argmax(-1).tolist(), la.argmax(-1).tolist())
+            return SubnetConfig.from_choices(self.space, mlp_logits.argmax(-1).tolist(),
+                                             attn_logits.argmax(-1).tolist())
         if self.cost is None:
             raise UserFacingError("constrained routing needs the cost table: call setup() or load a checkpoint first")
-        c = self.cost
-        d = constrained_choices(lm.float().cpu(), la.float().cpu(), c.fixed, c.mlp, c.attn, budget * c.full,
-                                slack=self.hparams.get("routing_slack", 0.03), clamp=clamp)
-        return SubnetConfig.from_choices(self.space, d.mlp, d.attn)
+        table = self.cost
+        decoded = constrained_choices(mlp_logits.float().cpu(), attn_logits.float().cpu(), table.fixed, table.mlp,
+                                      table.attn, budget * table.full,
+                                      slack=self.hparams.get("routing_slack", 0.03), clamp=clamp)
+        return SubnetConfig.from_choices(self.space, decoded.mlp, decoded.attn)
 
     def is_reachable(self, budget: float) -> bool:
         """Whether some sub-network costs at most ``budget`` times the full cost."""
-        c = self.cost
-        return min_cost(c.fixed, c.mlp, c.attn) <= budget * c.full * (1 + RTOL)
+        table = self.cost
+        return min_cost(table.fixed, table.mlp, table.attn) <= budget * table.full * (1 + RTOL)
 
     def realized(self, cfg: SubnetConfig) -> float:
         """Cost of ``cfg`` as a fraction of the full model's."""
@@ -392,21 +394,21 @@ class FlextronModule(FlextronValidation):
     def configure_optimizers(self) -> Any:
         """One AdamW over LLM and routers (so ``global_step`` counts batches): LLM groups follow warmup +
         cosine at ``learning_rate``, the router group keeps ``router_lr``."""
-        h = self.hparams
+        hp = self.hparams
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         router_params = list(self.router.parameters()) + (list(self.surrogate.parameters()) if self.surrogate else [])
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": h.weight_decay, "lr": h.learning_rate},
-             {"params": no_decay, "weight_decay": 0.0, "lr": h.learning_rate},
-             {"params": router_params, "weight_decay": 0.0, "lr": h.router_lr}],
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay, "lr": hp.learning_rate},
+             {"params": no_decay, "weight_decay": 0.0, "lr": hp.learning_rate},
+             {"params": router_params, "weight_decay": 0.0, "lr": hp.router_lr}],
             betas=(0.9, 0.95),
         )
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else 1000
 
-        def llm(s: int) -> float:
-            return warmup_cosine(s, h.warmup_steps, max(1, total), h.min_lr_ratio)
+        def llm_lr(step: int) -> float:
+            return warmup_cosine(step, hp.warmup_steps, max(1, total), hp.min_lr_ratio)
 
-        sched = LambdaLR(opt, [llm, llm, lambda s: 1.0])
-        return [opt], [sched]
+        scheduler = LambdaLR(optimizer, [llm_lr, llm_lr, lambda step: 1.0])
+        return [optimizer], [scheduler]
 

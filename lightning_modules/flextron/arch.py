@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
+from common.errors import UserFacingError
+
 
 @dataclass
 class LayerHandles:
@@ -56,6 +58,8 @@ class ArchSpec:
         num_groups: KV groups per layer (the attention unit; equals heads without GQA).
         heads_per_group: query heads per KV group.
         head_dim: channels per head.
+        output_bias: the MLP or attention output projection has a bias (then a sub-layer of width 0
+            would still add that bias, so widths of 0 are not offered).
     """
 
     family: str
@@ -65,6 +69,7 @@ class ArchSpec:
     num_groups: int
     heads_per_group: int
     head_dim: int
+    output_bias: bool = False
 
 
 SUPPORTED = ("llama", "gpt_neox")
@@ -76,7 +81,7 @@ def _check_family(model: PreTrainedModel) -> str:
         return "llama"
     if family in ("gpt_neox", "flextron_gpt_neox"):
         return "gpt_neox"
-    raise ValueError(
+    raise UserFacingError(
         f"Flextron supports model_type in {SUPPORTED} (Llama/SmolLM2, GPT-NeoX/Pythia), got {family!r}; "
         "GPT-2's fused Conv1D attention splits q/k/v by a fixed size and cannot be sliced by heads."
     )
@@ -90,10 +95,13 @@ def arch_spec(model: PreTrainedModel) -> ArchSpec:
     if family == "llama":
         kv = cfg.num_key_value_heads or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        bias = bool(getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False))
     else:
         kv = heads
         head_dim = cfg.hidden_size // heads
-    return ArchSpec(family, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, kv, heads // kv, head_dim)
+        bias = True
+    return ArchSpec(family, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, kv, heads // kv, head_dim,
+                    bias)
 
 
 def layer_handles(model: PreTrainedModel) -> list[LayerHandles]:

@@ -198,9 +198,11 @@ def latency_table(elm: ElasticLM, space: WidthSpace, mode: str = "prefill", seq_
     """Measure per-layer latency of every width choice on the model's current device.
 
     The network runs at each uniform width (MLP choice j and attention choice j together; the shorter
-    list repeats its full width), hooks time each layer's attention and MLP modules, and the minimum
+    list repeats its full width), hooks time each layer's attention block and the rest of the layer (MLP,
+    norms, residuals; the MLP entry), and the minimum
     over ``reps`` fills ``table[l, j]``. The minimum over repetitions is used throughout (here and in
-    :func:`measure_latency`): on a shared machine interference only ever adds time. The fixed term is the end-to-end time minus all hooked
+    :func:`measure_latency`): on a shared machine interference only ever adds time. The fixed term is
+    the end-to-end time minus all hooked
     time at full width.
 
     Args:
@@ -222,7 +224,10 @@ def latency_table(elm: ElasticLM, space: WidthSpace, mode: str = "prefill", seq_
     device = next(model.parameters()).device
     hs = layer_handles(model)
     L = len(hs)
-    timer = _Timer([h.attn for h in hs] + [h.mlp for h in hs])
+    # hooks on each attention block and each whole decoder layer: the MLP entry is the layer's time
+    # minus its attention's, so norms and residual adds count with the MLP and leave the fixed term,
+    # and a layer whose sub-layers are both skipped (it returns at once) costs next to nothing
+    timer = _Timer([h.attn for h in hs] + [h.layer for h in hs])
     timer.cuda = device.type == "cuda"
     K = max(len(space.mlp), len(space.attn))
     mlp = torch.zeros(L, len(space.mlp), dtype=torch.float64)
@@ -258,7 +263,8 @@ def latency_table(elm: ElasticLM, space: WidthSpace, mode: str = "prefill", seq_
                     _sync(device)
                     if r >= warmup:
                         totals[c].append(time.perf_counter() - t)
-                        per_rep[c].append(list(timer.t))
+                        attn_t, layer_t = timer.t[:L], timer.t[L:]
+                        per_rep[c].append(attn_t + [max(0.0, lt - at) for lt, at in zip(layer_t, attn_t, strict=True)])
         for c, (jm, ja, _) in enumerate(cfgs):
             med = [min(col) for col in zip(*per_rep[c], strict=True)]
             if c < len(space.attn):

@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+from common.errors import UserFacingError
 
 from .arch import ArchSpec, arch_spec, layer_handles
+from .hf_modeling import skipped_attention_output
 
 
 @dataclass
@@ -74,14 +77,41 @@ class ElasticLinear(nn.Linear):
 
 
 class ElasticLlamaDecoderLayer(LlamaDecoderLayer):
-    """Llama decoder layer that can be skipped (identity)."""
+    """Llama decoder layer that can be skipped (identity); with both sub-layers at width 0 it returns
+    at once too (its norms would feed nothing), only recording the new tokens in the cache."""
 
     fx_state: LayerState
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):  # noqa: D102
         if self.fx_state.skip:
             return hidden_states
+        if self.fx_state.mlp_units == 0 and self.fx_state.attn_units == 0:
+            attn = self.self_attn
+            skipped_attention_output(hidden_states, attn.layer_idx, attn.head_dim, kwargs.get("cache"))
+            return hidden_states
         return super().forward(hidden_states, *args, **kwargs)
+
+
+class ElasticLlamaAttention(LlamaAttention):
+    """Llama attention that adds nothing at width 0 (a skipped sub-layer, chosen like any width)."""
+
+    fx_state: LayerState
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):  # noqa: D102
+        if self.fx_state.attn_units == 0:
+            return skipped_attention_output(hidden_states, self.layer_idx, self.head_dim, kwargs.get("cache"))
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+class ElasticLlamaMLP(LlamaMLP):
+    """Llama MLP that adds nothing at width 0."""
+
+    fx_state: LayerState
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if self.fx_state.mlp_units == 0:
+            return torch.zeros_like(x)
+        return super().forward(x)
 
 
 class ElasticGPTNeoXLayer(GPTNeoXLayer):
@@ -96,6 +126,8 @@ class ElasticGPTNeoXLayer(GPTNeoXLayer):
 
 
 _LAYER_CLASSES = {LlamaDecoderLayer: ElasticLlamaDecoderLayer, GPTNeoXLayer: ElasticGPTNeoXLayer}
+# sub-layers that can be skipped by a width of 0 (families whose output projections have no bias)
+_SUBLAYER_CLASSES = {LlamaAttention: ElasticLlamaAttention, LlamaMLP: ElasticLlamaMLP}
 
 
 @dataclass
@@ -118,16 +150,26 @@ class WidthSpace:
         attn_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0), mlp_multiple: int = 1,
     ) -> WidthSpace:
         """Turn width ratios into unit counts (MLP rounded to ``mlp_multiple``, attention to whole KV
-        groups, at least one; duplicates removed, full width always included)."""
+        groups, at least one; duplicates removed, full width always included).
+
+        A ratio of exactly 0 is the width 0: that sub-layer (MLP or attention) is skipped, which lets
+        the router reach budgets below the narrowest non-empty widths. It needs output projections
+        without bias (the Llama family, SmolLM2).
+        """
         for r in [*mlp_ratios, *attn_ratios]:
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"width ratios must lie in (0, 1], got {r}")
+            if not 0.0 <= r <= 1.0:
+                raise UserFacingError(f"width ratios must lie in [0, 1] (0: skip the sub-layer), got {r}")
+        if spec.output_bias and 0.0 in [*mlp_ratios, *attn_ratios]:
+            raise UserFacingError(f"a width ratio of 0 (skipping a sub-layer) needs output projections without bias; "
+                                  f"this {spec.family} model has them: use ratios above 0")
         mlp = sorted(
-            {max(mlp_multiple, int(round(r * spec.intermediate_size / mlp_multiple)) * mlp_multiple) for r in mlp_ratios}
+            {0 if r == 0 else max(mlp_multiple, int(round(r * spec.intermediate_size / mlp_multiple)) * mlp_multiple)
+             for r in mlp_ratios}
             | {spec.intermediate_size}
         )
         mlp = [min(m, spec.intermediate_size) for m in mlp]
-        attn = sorted({max(1, int(round(r * spec.num_groups))) for r in attn_ratios} | {spec.num_groups})
+        attn = sorted({0 if r == 0 else max(1, int(round(r * spec.num_groups))) for r in attn_ratios}
+                      | {spec.num_groups})
         return cls(sorted(set(mlp)), attn, spec.num_layers)
 
     def unit_masks(self, kind: str) -> Tensor:
@@ -149,7 +191,7 @@ class SubnetConfig:
         if not self.skip:
             self.skip = [False] * len(self.mlp)
         if not (len(self.mlp) == len(self.attn) == len(self.skip)):
-            raise ValueError("SubnetConfig needs one mlp width, attn width and skip flag per layer")
+            raise UserFacingError("SubnetConfig needs one mlp width, attn width and skip flag per layer")
 
     def to_dict(self) -> dict:
         return {"mlp": list(map(int, self.mlp)), "attn": list(map(int, self.attn)), "skip": list(map(bool, self.skip))}
@@ -186,19 +228,21 @@ class ElasticLM:
     def set_subnet(self, cfg: SubnetConfig | None) -> None:
         """Hard-slice every layer to ``cfg`` (None: full width). Clears masks."""
         if cfg is not None and len(cfg.mlp) != self.spec.num_layers:
-            raise ValueError(f"SubnetConfig has {len(cfg.mlp)} layers, model has {self.spec.num_layers}")
+            raise UserFacingError(f"SubnetConfig has {len(cfg.mlp)} layers, model has {self.spec.num_layers}")
         if cfg is not None and cfg.skip[0]:
-            raise ValueError("layer 0 cannot be skipped: the KV cache reads the sequence length from it")
+            raise UserFacingError("layer 0 cannot be skipped: the KV cache reads the sequence length from it")
         for i, st in enumerate(self.states):
             st.mlp_mask = st.attn_mask = None
             if cfg is None:
                 st.mlp_units = st.attn_units = None
                 st.skip = False
                 continue
-            if not (0 < cfg.mlp[i] <= self.spec.intermediate_size and 0 < cfg.attn[i] <= self.spec.num_groups):
-                raise ValueError(
+            low = 0 if not self.spec.output_bias else 1
+            if not (low <= cfg.mlp[i] <= self.spec.intermediate_size and low <= cfg.attn[i] <= self.spec.num_groups):
+                raise UserFacingError(
                     f"layer {i}: widths mlp={cfg.mlp[i]} attn={cfg.attn[i]} outside "
-                    f"(0, {self.spec.intermediate_size}] / (0, {self.spec.num_groups}]; use skip to drop a layer"
+                    f"[{low}, {self.spec.intermediate_size}] / [{low}, {self.spec.num_groups}]; "
+                    "use skip to drop a layer"
                 )
             st.mlp_units = None if cfg.mlp[i] == self.spec.intermediate_size else int(cfg.mlp[i])
             st.attn_units = None if cfg.attn[i] == self.spec.num_groups else int(cfg.attn[i])
@@ -247,7 +291,7 @@ def make_elastic(model: PreTrainedModel) -> list[LayerState]:
         lins += [(lin, "attn", "rows", u) for lin, u in h.attn_in] + [(h.attn_out, "attn", "cols", h.attn_out_unit)]
         for lin, kind, side, unit in lins:
             if type(lin) not in (nn.Linear, ElasticLinear):
-                raise ValueError(
+                raise UserFacingError(
                     f"cannot make {type(lin).__name__} elastic: load the model unquantized (quantization=None)"
                 )
             lin.__class__ = ElasticLinear
@@ -256,6 +300,11 @@ def make_elastic(model: PreTrainedModel) -> list[LayerState]:
         if layer_cls in _LAYER_CLASSES:
             h.layer.__class__ = _LAYER_CLASSES[layer_cls]
         elif layer_cls not in _LAYER_CLASSES.values():
-            raise ValueError(f"unsupported decoder layer {layer_cls.__name__}")
+            raise UserFacingError(f"unsupported decoder layer {layer_cls.__name__}")
         h.layer.fx_state = st
+        for sublayer in (h.attn, h.mlp):
+            if type(sublayer) in _SUBLAYER_CLASSES:
+                sublayer.__class__ = _SUBLAYER_CLASSES[type(sublayer)]
+            if type(sublayer) in _SUBLAYER_CLASSES.values():
+                sublayer.fx_state = st
     return states

@@ -13,11 +13,15 @@ probe batch and the largest absolute difference is recorded in ``flextron_export
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+
+from common.atomic import atomic_directory, atomic_write_json
+from common.errors import UserFacingError
 
 from . import hf_modeling
 from .arch import layer_handles
@@ -37,6 +41,8 @@ def _sliced_state_dict(elm: ElasticLM, cfg: SubnetConfig) -> dict[str, torch.Ten
             drop.append(names[id(h.layer)] + ".")
             continue
         d, g = cfg.mlp[i], cfg.attn[i]
+        # a sub-layer of width 0 exports as a parameter-free skipped module
+        drop += [names[id(module)] + "." for module, width in ((h.mlp, d), (h.attn, g)) if width == 0]
         for lin, rows in [(lin, d) for lin in h.mlp_in] + [(lin, g * u) for lin, u in h.attn_in]:
             cut[names[id(lin)] + ".weight"] = lin.weight[:rows]
             if lin.bias is not None:
@@ -57,7 +63,8 @@ def export_config(elm: ElasticLM, cfg: SubnetConfig):
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "quantization_config"):
         base.pop(key, None)
     s = elm.spec
-    uniform = len(set(cfg.mlp)) == 1 and len(set(cfg.attn)) == 1 and not any(cfg.skip)
+    uniform = (len(set(cfg.mlp)) == 1 and len(set(cfg.attn)) == 1 and not any(cfg.skip)
+               and cfg.mlp[0] > 0 and cfg.attn[0] > 0)
     if s.family == "llama":
         if uniform:
             base.update(intermediate_size=cfg.mlp[0], num_key_value_heads=cfg.attn[0],
@@ -83,7 +90,8 @@ def build_subnetwork(elm: ElasticLM, cfg: SubnetConfig) -> PreTrainedModel:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"sliced weights do not fit the export architecture: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(
+            f"sliced weights do not fit the export architecture: missing={missing} unexpected={unexpected}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
@@ -105,7 +113,7 @@ def export_subnetwork(elm: ElasticLM, cfg: SubnetConfig, out_dir: str | Path, pr
     Args:
         elm: the elastic model (its weights are read, not changed).
         cfg: the sub-network.
-        out_dir: destination folder (written to a temporary sibling, then renamed into place).
+        out_dir: destination folder (staged beside it, then swapped in whole; an earlier export is replaced).
         probe_ids: ``[B, T]`` tokens for the exactness check (default: 2 x 32 fixed random tokens).
         extra: more fields for ``flextron_export.json`` (e.g. the budget).
 
@@ -113,61 +121,70 @@ def export_subnetwork(elm: ElasticLM, cfg: SubnetConfig, out_dir: str | Path, pr
         The report also written to ``flextron_export.json``: config, parameter count, class, the largest
         absolute logit difference between the reloaded export and the masked elastic forward.
     """
-    from common.atomic import atomic_write_json
-
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserFacingError(f"cannot write the export to {out}: it is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not (out / "flextron_export.json").exists():
-        raise FileExistsError(f"{out} exists and is not a Flextron export: choose an empty or new folder")
+        raise UserFacingError(f"{out} exists and is not a Flextron export: choose an empty or new folder")
     sub = build_subnetwork(elm, cfg)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sub.save_pretrained(tmp)
+    try:
+        # staged beside ``out`` and swapped in whole: an earlier export stays intact until this one is verified
+        with atomic_directory(out) as staging:
+            return _write_verified(elm, cfg, sub, staging, probe_ids, extra)
+    except OSError as error:  # a read-only or full disk, a file where the folder should be
+        raise UserFacingError(f"cannot write the export to {out}: {error}") from error
+
+
+def _write_verified(elm: ElasticLM, cfg: SubnetConfig, sub: PreTrainedModel, folder: Path,
+                    probe_ids: torch.Tensor | None, extra: dict | None) -> dict:
+    """Save ``sub`` into ``folder``, reload it from disk, compare with the masked elastic forward, write the report."""
+    sub.save_pretrained(folder)
     custom = sub.config.model_type.startswith("flextron_")
     if custom:
-        shutil.copy(Path(hf_modeling.__file__), tmp / "modeling_flextron.py")
-        import json
-
-        conf_path = tmp / "config.json"
+        shutil.copy(Path(hf_modeling.__file__), folder / "modeling_flextron.py")
+        conf_path = folder / "config.json"
         conf = json.loads(conf_path.read_text())
         prefix = "FlextronLlama" if conf["model_type"] == "flextron_llama" else "FlextronGPTNeoX"
         conf["auto_map"] = {"AutoConfig": f"modeling_flextron.{prefix}Config",
                             "AutoModelForCausalLM": f"modeling_flextron.{prefix}ForCausalLM"}
         atomic_write_json(conf_path, conf)
-    # verify: reload from disk and compare with the masked elastic forward
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if probe_ids is None:
         probe_ids = torch.randint(0, elm.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    device = next(elm.model.parameters()).device
-    was_training = elm.model.training
-    elm.model.eval()
-    mlp_masks, attn_masks = subnet_masks(elm, cfg)
-    if any(cfg.skip):  # masks cannot express a skipped layer: compare with the sliced forward instead
-        with elm.subnet(cfg):
-            ref = elm.model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
-    else:
-        elm.set_masks(mlp_masks.to(device), attn_masks.to(device))
-        try:
-            ref = elm.model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
-        finally:
-            elm.set_subnet(None)
-    elm.model.train(was_training)
+    reference = _elastic_reference_logits(elm, cfg, probe_ids)
     got = reloaded(input_ids=probe_ids.cpu(), use_cache=False).logits.float()
-    diff = float((got - ref).abs().max())
-    params = sum(p.numel() for p in reloaded.parameters())
     report = {
-        "subnet": cfg.to_dict(), "parameters": params,
+        "subnet": cfg.to_dict(), "parameters": sum(p.numel() for p in reloaded.parameters()),
         "parent_parameters": sum(p.numel() for p in elm.model.parameters()),
         "architecture": type(reloaded).__name__, "model_type": reloaded.config.model_type,
         "trust_remote_code_files": ["modeling_flextron.py"] if custom else [],
-        "max_abs_logit_diff_vs_masked_elastic": diff,
-        "files_sha256": {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        "max_abs_logit_diff_vs_masked_elastic": float((got - reference).abs().max()),
+        "files_sha256": {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()},
         **(extra or {}),
     }
-    atomic_write_json(tmp / "flextron_export.json", report)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    atomic_write_json(folder / "flextron_export.json", report)
     return report
+
+
+@torch.no_grad()
+def _elastic_reference_logits(elm: ElasticLM, cfg: SubnetConfig, probe_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``cfg`` in the elastic parent: through masks (an independent path from slicing) where
+    masks can express it, through the sliced forward when a layer is skipped."""
+    device = next(elm.model.parameters()).device
+    was_training = elm.model.training
+    elm.model.eval()
+    try:
+        if any(cfg.skip):
+            with elm.subnet(cfg):
+                return elm.model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
+        mlp_masks, attn_masks = subnet_masks(elm, cfg)
+        elm.set_masks(mlp_masks.to(device), attn_masks.to(device))
+        try:
+            return elm.model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
+        finally:
+            elm.set_subnet(None)
+    finally:
+        elm.model.train(was_training)
 
 
 def subnet_masks(elm: ElasticLM, cfg: SubnetConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +198,8 @@ def subnet_masks(elm: ElasticLM, cfg: SubnetConfig) -> tuple[torch.Tensor, torch
 def uniform_subnet(elm: ElasticLM, space: WidthSpace, index: int) -> SubnetConfig:
     """Every layer at choice ``index`` of ``space`` (clamped per list)."""
     L = space.num_layers
-    return SubnetConfig([space.mlp[min(index, len(space.mlp) - 1)]] * L, [space.attn[min(index, len(space.attn) - 1)]] * L)
+    mlp, attn = space.mlp[min(index, len(space.mlp) - 1)], space.attn[min(index, len(space.attn) - 1)]
+    return SubnetConfig([mlp] * L, [attn] * L)
 
 
 __all__ = ["build_subnetwork", "export_config", "export_subnetwork", "subnet_masks", "uniform_subnet"]

@@ -8,7 +8,7 @@ export anywhere. Importing ``lightning_modules.flextron`` also registers the cla
 The classes keep the parent's config (so head size and query-per-KV-head ratio are unchanged) plus
 per-layer lists, build the stock model, and then shrink each layer's projections to its width: the
 stock attention code reshapes with ``-1`` heads, so fewer rows mean fewer heads. A skipped layer
-becomes an identity.
+becomes an identity; a Llama MLP or attention block of width 0 becomes a skipped sub-layer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+
+def skipped_attention_output(hidden_states: torch.Tensor, layer_idx: int, head_dim: int, cache=None
+                             ) -> tuple[torch.Tensor, None]:
+    """What an attention block of width 0 returns: nothing to add to the residual stream.
+
+    Transformers reads the sequence length (positions, masks) from the cache, so a skipped attention
+    still records the new tokens there, as one head of zeros: a few bytes per token, no compute.
+    """
+    if cache is not None:
+        shape = (hidden_states.shape[0], 1, hidden_states.shape[1], head_dim)
+        empty = hidden_states.new_zeros(shape)
+        cache.update(empty, empty, layer_idx)
+    return torch.zeros_like(hidden_states), None
+
+
+class SkippedAttention(nn.Module):
+    """An attention block of width 0 (no KV group kept): adds nothing, records positions in the cache."""
+
+    def __init__(self, layer_idx: int, head_dim: int) -> None:
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, layer_past=None, **kwargs):  # noqa: D102
+        return skipped_attention_output(hidden_states, self.layer_idx, self.head_dim,
+                                        cache if cache is not None else layer_past)
+
+
+class SkippedMLP(nn.Module):
+    """An MLP of width 0 (no neuron kept): adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.zeros_like(hidden_states)
+
+
+class SkippedLayer(nn.Module):
+    """A decoder layer whose MLP and attention both have width 0: the identity, recording positions in the cache.
+
+    It keeps the layer's (unused) norm weights, so the state dict loads unchanged and the parameter
+    count is the one the budget table predicts.
+    """
+
+    def __init__(self, layer: nn.Module, layer_idx: int, head_dim: int) -> None:
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, **kwargs) -> torch.Tensor:  # noqa: D102
+        skipped_attention_output(hidden_states, self.layer_idx, self.head_dim, cache)
+        return hidden_states
 
 
 class _Identity(nn.Module):
@@ -68,11 +118,20 @@ class FlextronLlamaForCausalLM(LlamaForCausalLM):
                 continue
             d, g = config.layer_intermediate_sizes[i], config.layer_kv_groups[i]
             mlp, att = layer.mlp, layer.self_attn
-            mlp.gate_proj, mlp.up_proj = _resize(mlp.gate_proj, d), _resize(mlp.up_proj, d)
-            mlp.down_proj = _resize(mlp.down_proj, in_features=d)
-            att.q_proj = _resize(att.q_proj, g * rep * head_dim)
-            att.k_proj, att.v_proj = _resize(att.k_proj, g * head_dim), _resize(att.v_proj, g * head_dim)
-            att.o_proj = _resize(att.o_proj, in_features=g * rep * head_dim)
+            if d == 0 and g == 0:
+                self.model.layers[i] = SkippedLayer(layer, i, head_dim)
+                continue
+            if d == 0:  # width 0: the sub-layer is skipped (its output projection has no bias)
+                layer.mlp = SkippedMLP()
+            else:
+                mlp.gate_proj, mlp.up_proj = _resize(mlp.gate_proj, d), _resize(mlp.up_proj, d)
+                mlp.down_proj = _resize(mlp.down_proj, in_features=d)
+            if g == 0:
+                layer.self_attn = SkippedAttention(i, head_dim)
+            else:
+                att.q_proj = _resize(att.q_proj, g * rep * head_dim)
+                att.k_proj, att.v_proj = _resize(att.k_proj, g * head_dim), _resize(att.v_proj, g * head_dim)
+                att.o_proj = _resize(att.o_proj, in_features=g * rep * head_dim)
         self.post_init()
 
 
@@ -116,7 +175,8 @@ def register() -> None:
     """Register the classes with the Auto* factories (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for cfg, model in ((FlextronLlamaConfig, FlextronLlamaForCausalLM), (FlextronGPTNeoXConfig, FlextronGPTNeoXForCausalLM)):
+    pairs = ((FlextronLlamaConfig, FlextronLlamaForCausalLM), (FlextronGPTNeoXConfig, FlextronGPTNeoXForCausalLM))
+    for cfg, model in pairs:
         try:
             AutoConfig.register(cfg.model_type, cfg)
         except ValueError:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import UserFacingError
+
 
 def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
     """One-hot over sorted ``budgets``, linearly interpolated between neighbours.
@@ -35,7 +37,9 @@ def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
     b = torch.as_tensor(budget, dtype=budgets.dtype, device=budgets.device)
     lo, hi = float(budgets[0]), float(budgets[-1])
     if bool(((b < lo - 1e-6) | (b > hi + 1e-6)).any()):
-        raise ValueError(f"budget {b.tolist()} outside the trained range [{lo}, {hi}]; train that budget or pick one inside")
+        raise UserFacingError(
+            f"budget {float(b.reshape(-1)[0]):g} outside the trained range [{lo:g}, {hi:g}]; train that budget or "
+            "pick one inside")
     flat = b.reshape(-1).clamp(lo, hi)
     idx = torch.searchsorted(budgets, flat, right=True).clamp(1, len(budgets) - 1)
     left, right = budgets[idx - 1], budgets[idx]
@@ -167,15 +171,33 @@ def expected_cost_tempered(table, mlp_logits: Tensor, attn_logits: Tensor, tau: 
 
 
 class LossSurrogate(nn.Module):
-    """Predicts the LM loss of a sub-network from its (flattened) width choices and the budget.
+    """Predicts the loss of a sub-network from its (flattened) width choices (paper, section 3.2).
+
+    Every routed step adds one observation (choice, loss) to a memory of the last ``memory``
+    observations, and the surrogate regresses all of them at once, so a few dozen steps suffice.
+    It regresses the *standardized* loss (minus the memory's mean, over its standard deviation), so a
+    distillation loss near 0.002 trains it as well as an LM loss near 3; :meth:`forward` maps back to
+    the loss's own unit.
+
+    Readiness is ``rel_error``: the running mean absolute error of the prediction for each new
+    observation, made before the surrogate trained on it, divided by the standard deviation of the
+    remembered losses. Dividing by the spread rather than by the loss makes the criterion scale-free,
+    and it asks what the routers need: that the surrogate tells choices apart better than their
+    losses vary. Predicting the mean scores about 0.8; an error of half the spread explains roughly
+    three quarters of the variance. Divided by the loss (the earlier criterion), a KD surrogate's error
+    stayed near 1 however well it ranked choices, and the routers never moved. Where choices barely
+    change the loss (batch noise dominates) the surrogate cannot get ready, which is right: it would
+    steer the routers by noise.
 
     Args:
         in_dim: ``L * (K_mlp + K_attn)``.
         hidden: hidden units.
-        ema: smoothing of the tracked relative error.
+        ema: smoothing of the tracked error (``rel_error`` stays infinite for the first
+            ``1 / (1 - ema)`` observations).
+        memory: observations kept for the regression.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 256, ema: float = 0.9) -> None:
+    def __init__(self, in_dim: int, hidden: int = 256, ema: float = 0.9, memory: int = 128) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
@@ -183,13 +205,31 @@ class LossSurrogate(nn.Module):
         self.register_buffer("rel_error", torch.tensor(float("inf")))
         self.register_buffer("updates", torch.tensor(0))
         self.register_buffer("abs_error", torch.tensor(0.0))
-        self.register_buffer("loss_scale", torch.tensor(0.0))
+        self.register_buffer("memory_features", torch.zeros(memory, in_dim))
+        self.register_buffer("memory_losses", torch.zeros(memory))
 
     def features(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
         return torch.cat([mlp_probs.flatten(-2), attn_probs.flatten(-2)], dim=-1)
 
-    def forward(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+    def _stored(self) -> int:
+        return int(min(int(self.updates), self.memory_losses.shape[0]))
+
+    def loss_stats(self) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of the remembered losses (0 and 1 before there are two)."""
+        n = self._stored()
+        if n < 2:
+            return self.memory_losses.new_tensor(0.0), self.memory_losses.new_tensor(1.0)
+        losses = self.memory_losses[:n]
+        return losses.mean(), losses.std().clamp_min(1e-12)
+
+    def standardized(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+        """The network's output: the loss in units of the remembered spread around the remembered mean."""
         return self.net(self.features(mlp_probs, attn_probs)).squeeze(-1)
+
+    def forward(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
+        """Predicted loss in the loss's own unit."""
+        mean, spread = self.loss_stats()
+        return mean + spread * self.standardized(mlp_probs, attn_probs)
 
     def predict_frozen(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
         """Prediction whose gradient reaches the inputs (the router) but not the surrogate."""
@@ -197,19 +237,28 @@ class LossSurrogate(nn.Module):
         return torch.func.functional_call(self, params, (mlp_probs, attn_probs))
 
     def fit_loss(self, mlp_probs: Tensor, attn_probs: Tensor, observed: Tensor) -> Tensor:
-        """MSE to the observed LM loss; also updates the running relative error."""
-        pred = self(mlp_probs.detach(), attn_probs.detach())
-        target = observed.detach().to(pred)
+        """Remember the observation(s), update ``rel_error``, and return the regression loss over the memory.
+
+        Args:
+            mlp_probs, attn_probs: ``[N, L, K]`` choices (one-hot) of ``N`` observations.
+            observed: ``[N]`` their losses.
+        """
+        feats = self.features(mlp_probs.detach(), attn_probs.detach()).float()
+        target = observed.detach().float().reshape(-1)
         with torch.no_grad():
-            # error relative to the loss scale (EMA of |error| / EMA of |loss|): a per-sample ratio
-            # explodes when a distillation loss is close to zero
-            abs_err, scale = (pred - target).abs().mean(), target.abs().mean()
-            if self.updates == 0:
-                self.abs_error.copy_(abs_err)
-                self.loss_scale.copy_(scale)
-            else:
-                self.abs_error.mul_(self.ema).add_((1 - self.ema) * abs_err)
-                self.loss_scale.mul_(self.ema).add_((1 - self.ema) * scale)
-            self.rel_error.copy_(self.abs_error / self.loss_scale.clamp_min(1e-8))
-            self.updates += 1
-        return F.mse_loss(pred, target)
+            if self._stored() >= 2:  # error of the prediction for data the surrogate has not seen yet
+                abs_err = (self(mlp_probs.detach(), attn_probs.detach()).reshape(-1) - target).abs().mean()
+                first = bool(self.abs_error == 0)
+                self.abs_error.copy_(abs_err if first else self.ema * self.abs_error + (1 - self.ema) * abs_err)
+            for row, loss in zip(feats, target, strict=True):
+                slot = int(self.updates) % self.memory_losses.shape[0]
+                self.memory_features[slot] = row
+                self.memory_losses[slot] = loss
+                self.updates += 1
+            _, spread = self.loss_stats()
+            warm = int(self.updates) >= max(2, round(1 / (1 - self.ema)))
+            self.rel_error.fill_(float(self.abs_error / spread) if warm else float("inf"))
+        n = self._stored()
+        mean, spread = self.loss_stats()
+        score = self.net(self.memory_features[:n]).squeeze(-1)
+        return F.mse_loss(score, (self.memory_losses[:n] - mean) / spread)

@@ -302,6 +302,31 @@ class WorkUnit:
     demos: list[Example]
     test: list[Example]
     orders: list[list[int]]
+    selection: GDSelectionData | None = None
+
+
+@dataclass
+class GDSelectionData:
+    """Held-out data on which GD's step size is chosen for one task (shared by all of its units).
+
+    ``dev`` is class-balanced and disjoint from the test set; each N of the sweep has its own
+    demonstration set ``demos[N]`` drawn from the rest of the pool (disjoint from ``dev`` too), so the
+    step size is chosen on data the reported numbers never see.
+    """
+
+    dev: list[Example]
+    demos: dict[int, list[Example]]
+
+
+def selection_data(
+    pool: Sequence[Example], n_dev: int, n_demos: Sequence[int], num_classes: int, seed: int
+) -> GDSelectionData:
+    """The dev set and one demonstration set per N for GD step-size selection (seeded, balanced)."""
+    dev = balanced_sample(pool, n_dev, num_classes, random.Random(f"dev-{seed}"))
+    taken = {e.index for e in dev}
+    rest = [e for e in pool if e.index not in taken]
+    demos = {n: balanced_sample(rest, n, num_classes, random.Random(f"select-{n}-{seed}")) for n in n_demos if n}
+    return GDSelectionData(dev, demos)
 
 
 def build_work_units(
@@ -314,17 +339,20 @@ def build_work_units(
     n_permutations: int = 0,
     model_variants: Sequence[str] = ("pretrained",),
     order_model_variants: Sequence[str] | None = None,
+    n_dev: int = 0,
 ) -> list[WorkUnit]:
     """Every (task, N, seed, model variant) sweep unit plus one order unit per (task, variant).
 
     The test set depends only on the task and ``test_seed``, so all N and seeds are scored on the same
-    examples; demonstrations come from the rest, so a test example is never a demonstration.
+    examples; demonstrations come from the rest, so a test example is never a demonstration. With
+    ``n_dev > 0`` every unit also carries the task's GD step-size selection data (dev set + demos).
     """
     units: list[WorkUnit] = []
     for spec in tasks:
         task = get_task(spec)
         examples = load_examples(task)
         test, pool = split_test_and_pool(examples, n_test, task.num_classes, test_seed)
+        selection = selection_data(pool, n_dev, n_demos, task.num_classes, test_seed) if n_dev else None
         for variant in model_variants:
             for n in n_demos:
                 for seed in seeds:
@@ -340,6 +368,7 @@ def build_work_units(
                             demos,
                             test,
                             [list(range(n))],
+                            selection,
                         )
                     )
             if n_permutations > 1 and order_n_demos and variant in (order_model_variants or model_variants):
@@ -355,6 +384,7 @@ def build_work_units(
                         demos,
                         test,
                         permutations(order_n_demos, n_permutations, seeds[0]),
+                        selection,
                     )
                 )
     return units
@@ -391,6 +421,8 @@ class ICLTaskDataModule(L.LightningDataModule):
             architecture (Deutch et al.: similarity metrics need that baseline).
         order_on_random_init: Also run the order experiment on the random-init model (costly: every
             order fine-tunes twice).
+        n_dev: Class-balanced held-out examples per task (disjoint from the test set) on which the probe
+            chooses GD's step size when it has a grid (``gd_lr_grid``); 0 ships no selection data.
     """
 
     def __init__(
@@ -404,6 +436,7 @@ class ICLTaskDataModule(L.LightningDataModule):
         n_permutations: int = 4,
         random_init_control: bool = True,
         order_on_random_init: bool = False,
+        n_dev: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -423,6 +456,7 @@ class ICLTaskDataModule(L.LightningDataModule):
             hp.n_permutations,
             variants,
             variants if hp.order_on_random_init else ("pretrained",),
+            hp.n_dev,
         )
 
     @override

@@ -39,6 +39,7 @@ def _probe(tiny_model_config):
         tokenizer="byt5",
         gd_lr=0.1,
         gd_epochs=2,
+        gd_lr_grid=[0.03, 0.1],
         batch_size=8,
         analysis_examples=2,
         von_oswald=True,
@@ -56,6 +57,7 @@ def _data(**kw):
         n_permutations=2,
         random_init_control=True,
         order_on_random_init=True,
+        n_dev=4,
     )
     return ICLTaskDataModule(**(args | kw))
 

@@ -12,6 +12,8 @@ and plots into the run directory, and logs tables and images to W&B when the run
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -20,12 +22,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from common.atomic import atomic_write_json
+from common.errors import UserFacingError
 from common.hf_loading import load_causal_lm, load_tokenizer
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.icl_tasks import WorkUnit
 from lightning_modules.probes import icl_report
-from lightning_modules.probes.icl_finetune import GDConfig
-from lightning_modules.probes.icl_runner import ScoringOptions, json_safe, run_unit
+from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
+from lightning_modules.probes.icl_gd_selection import select_gd
+from lightning_modules.probes.icl_runner import (
+    ScoringOptions,
+    json_safe,
+    predictions_after_gd,
+    predictions_of,
+    run_unit,
+)
 
 RESULTS_FILE = "icl_gd_results.json"
 
@@ -42,9 +52,13 @@ class ICLvsGDProbe(L.LightningModule):
             weights, so quantized runs fine-tune only what bitsandbytes leaves trainable.
         gd_mode: "full_batch" or "sgd" (batch 1, demos in the given order).
         gd_params: "all" or "kv" (attention key/value projections only).
-        gd_lr: SGD learning rate.
-        gd_epochs: Passes over the demonstrations.
-        gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates).
+        gd_lr: SGD learning rate when no grid is given (``gd_lr_grid: null``).
+        gd_epochs: Passes over the demonstrations when no grid is given.
+        gd_lr_grid: Learning rates among which GD's step size is chosen per model variant and task on
+            the datamodule's held-out dev set (see ``icl_gd_selection`` for the rule); None: use ``gd_lr``.
+        gd_epochs_grid: Epoch counts searched with ``gd_lr_grid``; None: ``[gd_epochs]``.
+        gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates; a task
+            the preset does not cover gets the chosen or given step size).
         batch_size: Scoring batch size.
         reuse_prefix: Reuse the demonstrations' KV cache across queries (exact; faster).
         full_vocab: Also compare the full-vocabulary next-token distributions.
@@ -67,7 +81,9 @@ class ICLvsGDProbe(L.LightningModule):
         gd_mode: str = "full_batch",
         gd_params: str = "all",
         gd_lr: float = 1e-3,
-        gd_epochs: int = 1,
+        gd_epochs: int = 2,
+        gd_lr_grid: Sequence[float] | None = (1e-4, 3e-4, 1e-3, 3e-3),
+        gd_epochs_grid: Sequence[int] | None = None,
         gd_preset: str | None = None,
         batch_size: int = 16,
         reuse_prefix: bool = True,
@@ -80,12 +96,20 @@ class ICLvsGDProbe(L.LightningModule):
         num_threads: int | None = None,
     ) -> None:
         super().__init__()
+        if quantization is not None:
+            # GD updates the weights; bitsandbytes' 8/4-bit weights are integer tensors autograd cannot step.
+            # Refuse before any model is loaded or any example scored, not after the scoring has run.
+            raise UserFacingError(
+                f"the ICL-vs-GD probe cannot run GD on a {quantization} quantized model (its weights are not "
+                "trainable); use quantization: null with dtype bfloat16 or float32"
+            )
         self.save_hyperparameters()
         self.gd = GDConfig(gd_mode, gd_params, gd_lr, gd_epochs, gd_preset)
         self.opts = ScoringOptions(batch_size, reuse_prefix, full_vocab, analysis_examples, seed=seed)
         self.lm: torch.nn.Module | None = None
         self.tokenizer = None
         self._random_lm: torch.nn.Module | None = None
+        self._selections: dict[tuple[str, str], dict] = {}
         self._results: list[dict] = []
         self.results: dict[str, Any] | None = None
 
@@ -133,10 +157,49 @@ class ICLvsGDProbe(L.LightningModule):
         self._results = []
         self.opts.zero_shot_cache.clear()
 
+    def _gd_for(self, model: torch.nn.Module, unit: WorkUnit) -> tuple[GDConfig, dict | None]:
+        """The GD configuration of ``unit``'s (variant, task), chosen on its dev set once per process.
+
+        Every rank that meets the pair runs the same deterministic selection, so DDP ranks agree without
+        communicating.
+        """
+        hp, task = self.hparams, unit.task
+        if (self.gd.preset == "dai" and task.name in DAI_LEARNING_RATES) or not hp.gd_lr_grid:
+            return self.gd.resolved(task.name), None
+        if unit.selection is None:
+            raise UserFacingError(
+                "gd_lr_grid needs held-out dev examples: set the datamodule's n_dev > 0 (or gd_lr_grid: null)"
+            )
+        key = (unit.model_variant, task.name)
+        if key not in self._selections:
+            start = time.perf_counter()
+            tok, opts = self.tokenizer, self.opts
+            base = GDConfig(self.gd.mode, self.gd.params, self.gd.lr, self.gd.epochs, None, self.gd.kv_pattern)
+            record = select_gd(
+                base.resolved(task.name) if self.gd.preset is None else replace(base, mode="sgd", params="kv"),
+                list(hp.gd_lr_grid),
+                list(hp.gd_epochs_grid or [hp.gd_epochs]),
+                unit.selection,
+                lambda dev: predictions_of(model, tok, task, [], dev, opts),
+                lambda cfg, demos, dev: predictions_after_gd(model, tok, task, cfg, demos, dev, opts),
+            )
+            record["seconds"] = time.perf_counter() - start
+            self._selections[key] = record
+            chosen = record["selected"]
+            rank_zero_info(
+                f"[icl_gd] {task.name}/{unit.model_variant}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) "
+                f"chosen on {record['n_dev']} dev examples{' (fallback)' if record['fallback'] else ''}"
+            )
+        record = self._selections[key]
+        return record["config"], {k: v for k, v in record.items() if k != "config"}
+
     @override
     def test_step(self, batch: WorkUnit, batch_idx: int) -> None:
         start = time.perf_counter()
-        result = run_unit(self._model_for(batch.model_variant), self.tokenizer, batch, self.gd, self.opts)
+        model = self._model_for(batch.model_variant)
+        gd, selection = self._gd_for(model, batch)
+        result = run_unit(model, self.tokenizer, batch, gd, self.opts)
+        result["gd_selection"] = selection
         result["seconds"] = time.perf_counter() - start
         result["rank"] = self.global_rank
         self._results.append(json_safe(result))

@@ -12,6 +12,8 @@ SCALARS = {
     "acc_icl": lambda m: m["acc_icl"],
     "acc_gd": lambda m: m["acc_gd"],
     "token_overlap": lambda m: m["token_overlap"],
+    "gd_vs_zero_shot_agreement": lambda m: m.get("gd_vs_zero_shot_agreement"),
+    "icl_vs_zero_shot_agreement": lambda m: m.get("icl_vs_zero_shot_agreement"),
     "icl_vs_gd_label_cosine": lambda m: m["icl_vs_gd"]["label_cosine"],
     "icl_vs_gd_label_js": lambda m: m["icl_vs_gd"]["label_js"],
     "icl_vs_gd_vocab_cosine": lambda m: m["icl_vs_gd"].get("vocab_cosine"),
@@ -48,14 +50,18 @@ def merge_units(gathered: list[list[dict]]) -> list[dict]:
 
 
 def aggregate(units: list[dict]) -> dict:
-    """Mean and std over seeds of every scalar, per model variant, task and N; order results as they are."""
+    """Mean and std over seeds of every scalar, per model variant, task and N; order results as they are.
+
+    N=0 units are left out: with no demonstrations ICL and GD are zero-shot by definition, so their
+    agreement of 1.0 is not a measurement (the per-unit records keep them).
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for u in units:
-        if u["kind"] == "sweep":
+        if u["kind"] == "sweep" and u["n_demos"] > 0:
             groups[(u["model_variant"], u["task"], u["n_demos"])].append(u["metrics"])
     sweep: dict = {}
     for (variant, task, n), ms in sorted(groups.items()):
-        row = {"n_seeds": len(ms)}
+        row = {"n_seeds": len(ms), "gd_flags": sorted({f for m in ms for f in m.get("gd_flags", [])})}
         for name, get in SCALARS.items():
             vals = [get(m) for m in ms]
             row[name] = _mean(vals)
@@ -69,7 +75,11 @@ def aggregate(units: list[dict]) -> dict:
                 "n_orders": len(u["records"][0]["orders"]),
                 **u["metrics"],
             }
-    return {"sweep": sweep, "order": order}
+    selection: dict = {}
+    for u in units:
+        if u.get("gd_selection"):
+            selection.setdefault(u["model_variant"], {}).setdefault(u["task"], u["gd_selection"])
+    return {"sweep": sweep, "order": order, "gd_selection": selection}
 
 
 def plot_sweep(agg: dict, path: Path) -> Path | None:

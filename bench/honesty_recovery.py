@@ -26,13 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
-from datamodules.honesty import signaling_trials  # noqa: E402
-from lightning_modules.probes.honesty.speaker_model import (  # noqa: E402
-    ChoiceData,
-    bootstrap_fit,
-    fit_lambda,
-    simulate_choices,
-)
+from datamodules.honesty_trials import signaling_trials  # noqa: E402
+from lightning_modules.probes.honesty.speaker_model import ChoiceData, bootstrap_fit, fit_lambda, simulate_choices  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from common.hf_loading import load_causal_lm, load_tokenizer
-from datamodules.honesty import build_messages, signaling_trials, time_trials
+from datamodules.honesty_prompts import build_messages
+from datamodules.honesty_trials import signaling_trials, time_trials
 from lightning_modules.probes.honesty.backends import HFBackend
 
 

@@ -5,19 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from datamodules.honesty import (
-    build_messages,
-    parse_answer,
-    render_prompt,
-    signaling_trials,
-    time_trials,
-)
-from lightning_modules.probes.honesty.speaker_model import (
-    ALL_UTTERANCES,
-    Utterance,
-    object_rewards,
-    relevance,
-)
+from datamodules.honesty_paradigms import ALL_UTTERANCES, Utterance, object_rewards, relevance
+from datamodules.honesty_prompts import build_messages, parse_answer, render_prompt
+from datamodules.honesty_trials import signaling_trials, time_trials
 
 
 def test_same_seed_same_trials_other_seed_different():

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from datamodules.honesty import signaling_trials, time_trials
+from datamodules.honesty_trials import signaling_trials, time_trials
 from lightning_modules.probes.honesty.speaker_model import ChoiceData, bootstrap_fit, simulate_choices
 
 

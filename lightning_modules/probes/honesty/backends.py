@@ -32,7 +32,7 @@ import torch
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
-from datamodules.honesty import render_prompt
+from datamodules.honesty_prompts import render_prompt
 
 FOLLOWUP_AFTER_REASONING = "Now give only your final answer, in the format asked for above."
 

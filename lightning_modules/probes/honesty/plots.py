@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomic import atomic_write_bytes  # noqa: E402
-from lightning_modules.probes.honesty.speaker_model import DECISION_CONTEXTS, HUMAN_LAMBDA  # noqa: E402
+from datamodules.honesty_paradigms import DECISION_CONTEXTS  # noqa: E402
+from lightning_modules.probes.honesty.speaker_model import HUMAN_LAMBDA  # noqa: E402
 
 FRAMING_ORDER = ("belief", "ambiguous", "utility")
 

@@ -30,7 +30,8 @@ from common.atomic import atomic_write_json
 from common.errors import UserFacingError
 from common.hf_loading import load_causal_lm, load_tokenizer
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
-from datamodules.honesty import Trial, build_messages, option_labels, parse_answer
+from datamodules.honesty_prompts import build_messages, option_labels, parse_answer
+from datamodules.honesty_trials import Trial
 from lightning_modules.probes.honesty.backends import Backend, HFBackend, OpenAIChatBackend
 from lightning_modules.probes.honesty.plots import (
     plot_honesty_vs_helpfulness,
@@ -59,6 +60,14 @@ _OPENAI_KEYS = {
     "cache_dir",
     "top_logprobs",
 }
+
+
+REDACTED = "<redacted>"
+
+
+def redact_api_keys(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the model entries with any ``api_key`` value replaced by ``REDACTED``."""
+    return [{k: (REDACTED if k == "api_key" else v) for k, v in m.items()} for m in models]
 
 
 class HonestyProbe(L.LightningModule):
@@ -123,9 +132,10 @@ class HonestyProbe(L.LightningModule):
                     "drop method 'loglik' (use 'letter' and/or 'generate')"
                 )
         self.model_specs = models
-        # hparams end up in results.json and the logger's config: never an API key
-        models = [{k: ("<redacted>" if k == "api_key" else v) for k, v in m.items()} for m in models]  # noqa: F841
-        self.save_hyperparameters()
+        # hparams end up in results.json, the checkpoint and the logger's config: the model entries are
+        # saved with every API key replaced by a marker, never as given.
+        self.save_hyperparameters(ignore=["models"])
+        self.save_hyperparameters({**self.hparams, "models": redact_api_keys(models)})
         self.lms = torch.nn.ModuleDict()
         self.backends: dict[str, Backend] = {}
         self._records: list[dict[str, Any]] = []

@@ -14,14 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.probes.honesty.speaker_model import (
-    HUMAN_LAMBDA,
-    ChoiceData,
-    Utilities,
-    bootstrap_fit,
-    helpfulness,
-    honesty,
-)
+from datamodules.honesty_paradigms import Utilities
+from lightning_modules.probes.honesty.speaker_model import HUMAN_LAMBDA, ChoiceData, bootstrap_fit, helpfulness, honesty
 
 GROUP_KEYS: tuple[str, ...] = ("model", "method", "paradigm", "framing", "context", "cot")
 

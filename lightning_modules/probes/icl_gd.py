@@ -157,8 +157,8 @@ class ICLvsGDProbe(L.LightningModule):
         self._results = []
         self.opts.zero_shot_cache.clear()
 
-    def _gd_for(self, model: torch.nn.Module, unit: WorkUnit) -> tuple[GDConfig, dict | None]:
-        """The GD configuration of ``unit``'s (variant, task), chosen on its dev set once per process.
+    def _gd_for(self, unit: WorkUnit) -> tuple[GDConfig, dict | None]:
+        """The GD configuration of ``unit``'s task, chosen on its dev set once per process.
 
         Every rank that meets the pair runs the same deterministic selection, so DDP ranks agree without
         communicating.
@@ -170,7 +170,8 @@ class ICLvsGDProbe(L.LightningModule):
             raise UserFacingError(
                 "gd_lr_grid needs held-out dev examples: set the datamodule's n_dev > 0 (or gd_lr_grid: null)"
             )
-        key = (unit.model_variant, task.name)
+        key = task.name  # the random-init control reuses the pretrained model's choice (icl_gd_selection)
+        model = self.lm
         if key not in self._selections:
             start = time.perf_counter()
             tok, opts = self.tokenizer, self.opts
@@ -186,9 +187,15 @@ class ICLvsGDProbe(L.LightningModule):
             record["seconds"] = time.perf_counter() - start
             self._selections[key] = record
             chosen = record["selected"]
+            grid = "; ".join(
+                f"lr {c['lr']:g} x{c['epochs']}: dev acc {c['mean_dev_accuracy']:.2f}, "
+                f"changed {c['mean_dev_changed']:.2f}"
+                f"{', collapsed' if any(c['dev_collapsed'].values()) else ''}"
+                for c in record["grid"]
+            )
             rank_zero_info(
-                f"[icl_gd] {task.name}/{unit.model_variant}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) "
-                f"chosen on {record['n_dev']} dev examples{' (fallback)' if record['fallback'] else ''}"
+                f"[icl_gd] {task.name}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) chosen on "
+                f"{record['n_dev']} dev examples{' (fallback)' if record['fallback'] else ''} [{grid}]"
             )
         record = self._selections[key]
         return record["config"], {k: v for k, v in record.items() if k != "config"}
@@ -197,7 +204,7 @@ class ICLvsGDProbe(L.LightningModule):
     def test_step(self, batch: WorkUnit, batch_idx: int) -> None:
         start = time.perf_counter()
         model = self._model_for(batch.model_variant)
-        gd, selection = self._gd_for(model, batch)
+        gd, selection = self._gd_for(batch)
         result = run_unit(model, self.tokenizer, batch, gd, self.opts)
         result["gd_selection"] = selection
         result["seconds"] = time.perf_counter() - start

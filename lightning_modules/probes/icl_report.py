@@ -7,6 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from common.atomic import atomic_save_figure
+
 SCALARS = {
     "acc_zero_shot": lambda m: m["acc_zero_shot"],
     "acc_icl": lambda m: m["acc_icl"],
@@ -156,10 +158,6 @@ def plot_order(agg: dict, path: Path) -> Path | None:
 
 def _save_figure(fig, path: Path) -> Path:
     """Lay out, write and close a figure (closing frees it: probes draw many in one process)."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=80)
     return path

@@ -26,10 +26,10 @@ from datamodules.honesty_paradigms import (
 )
 from datamodules.honesty_trials import signaling_trials, time_trials
 from lightning_modules.probes.honesty.__main__ import main as cli_main
+from lightning_modules.probes.honesty.bootstrap import bootstrap_fit
 from lightning_modules.probes.honesty.speaker_model import (
     ChoiceData,
     _log_likelihood_and_grad,
-    bootstrap_fit,
     fit_lambda,
     helpfulness,
     honesty,

@@ -85,7 +85,8 @@ class HonestyProbe(L.LightningModule):
         temperature: sampling temperature of free answers (0: greedy).
         fit_beta: fit the speaker rationality with lambda; otherwise hold it at ``beta``.
         beta: speaker rationality when not fitted.
-        n_boot: bootstrap resamples (over items) for the confidence intervals.
+        n_boot: bootstrap resamples (over items) for the confidence intervals (percentile intervals,
+            ``scipy.stats.bootstrap``; see ``honesty.bootstrap``).
         confidence: CI level.
         seed: seeds sampling (per trial, so results do not depend on how ranks split the items).
         plots: write the PNG plots (and log them to W&B).
@@ -101,7 +102,7 @@ class HonestyProbe(L.LightningModule):
         temperature: float = 0.0,
         fit_beta: bool = True,
         beta: float = 1.0,
-        n_boot: int = 200,
+        n_boot: int = 1000,
         confidence: float = 0.95,
         seed: int = 0,
         plots: bool = True,

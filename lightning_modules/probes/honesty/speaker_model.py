@@ -149,7 +149,7 @@ def _log_likelihood_and_grad(data: ChoiceData, lam: float, beta: float) -> tuple
 
 @dataclass
 class FitResult:
-    """Maximum-likelihood estimate, with percentile bootstrap intervals when requested."""
+    """Maximum-likelihood estimate, with bootstrap intervals when requested (``bootstrap_fit``)."""
 
     lambda_hat: float
     beta_hat: float
@@ -172,6 +172,7 @@ class FitResult:
             "n_items": self.n_items,
             "n_boot": self.n_boot,
             "fit_beta": self.fit_beta,
+            **self.extra,
         }
 
 
@@ -241,43 +242,6 @@ def fit_lambda(
     if ll < best[0]:  # the refinement can only help; keep the grid point if it did not
         ll, lam_hat, beta_hat = best[0], float(lam0), float(beta0)
     return FitResult(lam_hat, beta_hat, ll, len(data), fit_beta=fit_beta)
-
-
-def bootstrap_fit(
-    data: ChoiceData,
-    *,
-    n_boot: int = 200,
-    seed: int = 0,
-    confidence: float = 0.95,
-    fit_beta: bool = True,
-    beta: float = 1.0,
-) -> FitResult:
-    """Fit on all items, then a percentile bootstrap over items for the confidence intervals.
-
-    Items, not individual choices, are resampled: choices within an item (or a model's probability
-    vector for it) are not independent draws.
-    """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    result = fit_lambda(data, fit_beta=fit_beta, beta=beta)
-    result.n_boot = n_boot
-    if n_boot <= 0 or len(data) < 2:
-        return result
-    rng = np.random.default_rng(seed)
-    lams, betas = [], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(data), len(data))
-        sub = data.subset(idx)
-        if float(sub.weights.sum()) <= 0:
-            continue
-        r = fit_lambda(sub, fit_beta=fit_beta, beta=beta, init=(result.lambda_hat, result.beta_hat))
-        lams.append(r.lambda_hat)
-        betas.append(r.beta_hat)
-    alpha = (1 - confidence) / 2
-    q = [100 * alpha, 100 * (1 - alpha)]
-    result.lambda_ci = tuple(float(x) for x in np.percentile(lams, q))
-    result.beta_ci = tuple(float(x) for x in np.percentile(betas, q))
-    return result
 
 
 def simulate_choices(

@@ -23,10 +23,10 @@ from typing_extensions import override
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
-from common.hf_loading import load_causal_lm, load_tokenizer
+from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.icl_tasks import WorkUnit
-from lightning_modules.probes import icl_report
+from lightning_modules.probes import icl_paper_report, icl_report
 from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
 from lightning_modules.probes.icl_gd_selection import select_gd
 from lightning_modules.probes.icl_runner import (
@@ -36,6 +36,7 @@ from lightning_modules.probes.icl_runner import (
     predictions_of,
     run_unit,
 )
+from lightning_modules.probes.provenance import model_source_hash, provenance
 
 RESULTS_FILE = "icl_gd_results.json"
 
@@ -236,6 +237,7 @@ class ICLvsGDProbe(L.LightningModule):
             control = run_control(train_steps=self.hparams.von_oswald_steps, seed=self.hparams.seed)
         self.results = {
             "config": dict(self.hparams),
+            "provenance": self._provenance(),
             "aggregate": agg,
             "von_oswald_control": control,
             "units": units,
@@ -300,7 +302,26 @@ class ICLvsGDProbe(L.LightningModule):
             png = fn(results["aggregate"], out / f"{key.replace('/', '_')}.png")
             if png is not None:
                 log_image(self.trainer, key, png)
+        rows = icl_paper_report.summary_rows(results["aggregate"])
+        png = icl_paper_report.plot_summary(rows, out / icl_paper_report.REPORT_PNG)
+        if png is not None:
+            log_image(self.trainer, "icl_gd/summary", png)
         rank_zero_info(f"[icl_gd] results written to {out / RESULTS_FILE}")
+        # The paper-facing summary ends the run's output (ICL~GD, GD~ZS: top-1 agreement on the test set).
+        print(f"\n{icl_paper_report.format_table(rows)}\nsummary figure: {png}", flush=True)
+
+    def _provenance(self) -> dict:
+        """Versions, git revision, date, the model's source and hash, the data settings and the seeds."""
+        hp = self.hparams
+        source = hp.model
+        if source in MODEL_ALIASES:
+            source = resolve_alias(source)
+        data = getattr(self.trainer, "datamodule", None)
+        return provenance(
+            model=model_source_hash(source) | {"name": hp.model, "config": hp.model_config},
+            data=dict(data.hparams) if data is not None else None,
+            seeds={"seed": hp.seed, "random_init_seed": hp.random_init_seed},
+        )
 
     @override
     def configure_optimizers(self):

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
-from common.hf_loading import load_causal_lm, load_tokenizer
+from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.honesty_prompts import build_messages, option_labels, parse_answer
 from datamodules.honesty_trials import Trial
@@ -40,6 +40,7 @@ from lightning_modules.probes.honesty.plots import (
 )
 from lightning_modules.probes.honesty.scoring import aggregate, dedupe, record_utilities
 from lightning_modules.probes.honesty.speaker_model import helpfulness, honesty
+from lightning_modules.probes.provenance import model_source_hash, provenance
 
 METHODS: tuple[str, ...] = ("loglik", "letter", "generate")
 ANSWER_FORMAT = {"loglik": "text", "letter": "letter", "generate": "text"}
@@ -277,8 +278,21 @@ class HonestyProbe(L.LightningModule):
 
     def _write(self, rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
         out = run_directory(self.trainer) / "honesty"
+        data = getattr(self.trainer, "datamodule", None)
+        models = []
+        for spec in self.hparams.models:
+            local = spec.get("kind", "hf") == "hf"
+            source = spec.get("model") if local else None  # an API model has no local weights to hash
+            if source in MODEL_ALIASES:
+                source = resolve_alias(source)
+            models.append({"label": spec["label"], "model": spec.get("model"), **model_source_hash(source)})
         payload = {
             "hparams": dict(self.hparams),
+            "provenance": provenance(
+                models=models,
+                data=dict(data.hparams) if data is not None else None,
+                seeds={"seed": self.hparams.seed, "stimuli": getattr(data.hparams, "seed", None) if data else None},
+            ),
             "n_records": len(records),
             "note": "Small models mostly show surface priors over the options; read these as what this "
             "model does on these stimuli, not as a replication of the paper's findings.",

@@ -113,6 +113,7 @@ class ICLvsGDProbe(L.LightningModule):
         self._selections: dict[tuple[str, str], dict] = {}
         self._results: list[dict] = []
         self.results: dict[str, Any] | None = None
+        self._summary: str | None = None
 
     @override
     def setup(self, stage: str) -> None:
@@ -307,8 +308,15 @@ class ICLvsGDProbe(L.LightningModule):
         if png is not None:
             log_image(self.trainer, "icl_gd/summary", png)
         rank_zero_info(f"[icl_gd] results written to {out / RESULTS_FILE}")
-        # The paper-facing summary ends the run's output (ICL~GD, GD~ZS: top-1 agreement on the test set).
-        print(f"\n{icl_paper_report.format_table(rows)}\nsummary figure: {png}", flush=True)
+        self._summary = f"\n{icl_paper_report.format_table(rows)}\nsummary figure: {png}"
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # The paper-facing summary ends the run's output, after Lightning's metrics table
+        # (ICL~GD, GD~ZS: share of test examples with the same top-1 label).
+        if self._summary:
+            print(self._summary, flush=True)
+            self._summary = None
 
     def _provenance(self) -> dict:
         """Versions, git revision, date, the model's source and hash, the data settings and the seeds."""

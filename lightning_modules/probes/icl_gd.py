@@ -36,7 +36,7 @@ from lightning_modules.probes.icl_runner import (
     predictions_of,
     run_unit,
 )
-from lightning_modules.probes.provenance import model_source_hash, provenance
+from lightning_modules.probes.provenance import git_revision, model_source_hash, provenance
 
 RESULTS_FILE = "icl_gd_results.json"
 
@@ -120,6 +120,7 @@ class ICLvsGDProbe(L.LightningModule):
         if self.lm is not None:
             return
         hp = self.hparams
+        self._git_at_start = git_revision()  # the code that ran, even if the checkout moves on meanwhile
         if hp.num_threads:
             torch.set_num_threads(hp.num_threads)
         self.lm = load_causal_lm(
@@ -329,6 +330,7 @@ class ICLvsGDProbe(L.LightningModule):
             model=model_source_hash(source) | {"name": hp.model, "config": hp.model_config},
             data=dict(data.hparams) if data is not None else None,
             seeds={"seed": hp.seed, "random_init_seed": hp.random_init_seed},
+            git=getattr(self, "_git_at_start", None) or git_revision(),
         )
 
     @override

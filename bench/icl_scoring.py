@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common.atomic import atomic_save_figure, atomic_write_json  # noqa: E402
 from datamodules.icl_tasks import get_task, load_examples, sample_demos, split_test_and_pool  # noqa: E402
 from lightning_modules.probes.icl_scoring import encode_requests, score_requests  # noqa: E402
 
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["agrees_within_1e-4"] = result["max_abs_loglik_diff"] <= 1e-4
     result["quick"] = args.quick
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     _plot(result, args.out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
     return result
@@ -172,10 +169,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_ylabel("queries / s (all label words)")
     ax.set_title(f"{w['model']} {w['task']} {w['n_demos']}-shot, {w['threads']} CPU threads", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ safetensors and later loads take under a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import tempfile
@@ -128,6 +129,22 @@ def resolve_alias(alias: str) -> Path:
     return target
 
 
+def resolve_gguf(path: Path) -> Path:
+    """Local directory of a GGUF file's float32 conversion, cached under the SHA-256 of the file's bytes.
+
+    Keyed by content, not by path: the same file anywhere converts once, and a file replaced in place
+    converts again instead of reusing a stale folder.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    target = cache_root() / "models" / f"gguf-{digest.hexdigest()[:24]}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target)
+    return target
+
+
 def _is_offline_failure(error: BaseException) -> bool:
     text = f"{type(error).__name__}: {error}".lower()
     markers = ("connection", "offline", "resolve", "couldn't connect", "max retries", "not a valid model identifier",
@@ -143,7 +160,7 @@ def _source_kwargs(model: str) -> tuple[str, dict[str, Any]]:
     if model.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {model!r} does not exist: check the path")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(resolve_gguf(path)), {}
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{model!r} is a folder without config.json: point at a saved Hugging Face model")

@@ -13,7 +13,9 @@ reachable. The prompt is built exactly like lm-evaluation-harness builds a multi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.resources
 import pickle
 import pkgutil
 import random
@@ -65,9 +67,9 @@ class ICLTask:
 
     def __post_init__(self) -> None:
         if len(self.label_words) < 2:
-            raise ValueError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
+            raise TaskLoadError(f"task {self.name!r}: needs at least two label_words, got {self.label_words!r}")
         if len(set(self.label_words)) != len(self.label_words):
-            raise ValueError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
+            raise TaskLoadError(f"task {self.name!r}: label_words must be distinct, got {self.label_words!r}")
         # Fields may arrive as lists from YAML; store tuples so tasks stay hashable.
         object.__setattr__(self, "label_words", tuple(self.label_words))
         object.__setattr__(self, "input_fields", tuple(self.input_fields))
@@ -81,7 +83,7 @@ class ICLTask:
         try:
             return self.template.format(**example.fields)
         except KeyError as err:
-            raise ValueError(
+            raise TaskLoadError(
                 f"task {self.name!r}: template {self.template!r} uses field {err} that the examples do not "
                 f"have (they have {sorted(example.fields)})"
             ) from None
@@ -169,10 +171,32 @@ def get_task(task: str | ICLTask | dict) -> ICLTask:
     if isinstance(task, ICLTask):
         return task
     if isinstance(task, dict):
-        return ICLTask(**task)
+        return task_from_dict(task)
     if task not in TASKS:
-        raise ValueError(f"unknown ICL task {task!r}; known: {sorted(TASKS)} (or pass an ICLTask / dict)")
+        raise TaskLoadError(
+            f"unknown ICL task {task!r}; known: {', '.join(sorted(TASKS))} (or an inline task with fields "
+            f"{', '.join(TASK_FIELDS)})"
+        )
     return TASKS[task]
+
+
+TASK_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ICLTask))
+REQUIRED_TASK_FIELDS: tuple[str, ...] = ("name", "source", "label_words")
+"""``ICLTask`` has defaults for the others, but a task without label words cannot be scored."""
+
+
+def task_from_dict(spec: dict) -> ICLTask:
+    """An inline task from YAML; an unknown or missing field is a one-line error listing the fields."""
+    unknown = sorted(set(spec) - set(TASK_FIELDS))
+    missing = [f for f in REQUIRED_TASK_FIELDS if f not in spec]
+    label = spec.get("name", "<unnamed>")
+    if unknown or missing:
+        problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
+        raise TaskLoadError(
+            f"inline ICL task {label!r}: {problem}; required: {', '.join(REQUIRED_TASK_FIELDS)}; "
+            f"optional: {', '.join(f for f in TASK_FIELDS if f not in REQUIRED_TASK_FIELDS)}"
+        )
+    return ICLTask(**spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -204,8 +228,19 @@ def _load_staicc(name: str) -> list:
             "the offline ICL data package is missing: run `pip install staicc` (Apache-2.0, 18 MB)"
         ) from None
     except FileNotFoundError:
-        raise TaskLoadError(f"staicc ships no cached_dataset/{name}.dataset") from None
+        raise TaskLoadError(
+            f"staicc ships no cached_dataset/{name}.dataset; available: {', '.join(staicc_files())}"
+        ) from None
     return pickle.loads(data)  # noqa: S301 - a file shipped inside an installed package
+
+
+def staicc_files() -> list[str]:
+    """The names usable as ``staicc:<name>`` (the installed package's ``cached_dataset/*.dataset``)."""
+    try:
+        folder = importlib.resources.files("StaICC") / "cached_dataset"
+        return sorted(p.name.removesuffix(".dataset") for p in folder.iterdir() if p.name.endswith(".dataset"))
+    except (ModuleNotFoundError, FileNotFoundError):
+        return []
 
 
 def _load_hf(task: ICLTask, rest: str) -> list[Example]:
@@ -304,6 +339,31 @@ class WorkUnit:
     demos: list[Example]
     test: list[Example]
     orders: list[list[int]]
+    selection: GDSelectionData | None = None
+
+
+@dataclass
+class GDSelectionData:
+    """Held-out data on which GD's step size is chosen for one task (shared by all of its units).
+
+    ``dev`` is class-balanced and disjoint from the test set; each N of the sweep has its own
+    demonstration set ``demos[N]`` drawn from the rest of the pool (disjoint from ``dev`` too), so the
+    step size is chosen on data the reported numbers never see.
+    """
+
+    dev: list[Example]
+    demos: dict[int, list[Example]]
+
+
+def selection_data(
+    pool: Sequence[Example], n_dev: int, n_demos: Sequence[int], num_classes: int, seed: int
+) -> GDSelectionData:
+    """The dev set and one demonstration set per N for GD step-size selection (seeded, balanced)."""
+    dev = balanced_sample(pool, n_dev, num_classes, random.Random(f"dev-{seed}"))
+    taken = {e.index for e in dev}
+    rest = [e for e in pool if e.index not in taken]
+    demos = {n: balanced_sample(rest, n, num_classes, random.Random(f"select-{n}-{seed}")) for n in n_demos if n}
+    return GDSelectionData(dev, demos)
 
 
 def build_work_units(
@@ -316,17 +376,20 @@ def build_work_units(
     n_permutations: int = 0,
     model_variants: Sequence[str] = ("pretrained",),
     order_model_variants: Sequence[str] | None = None,
+    n_dev: int = 0,
 ) -> list[WorkUnit]:
     """Every (task, N, seed, model variant) sweep unit plus one order unit per (task, variant).
 
     The test set depends only on the task and ``test_seed``, so all N and seeds are scored on the same
-    examples; demonstrations come from the rest, so a test example is never a demonstration.
+    examples; demonstrations come from the rest, so a test example is never a demonstration. With
+    ``n_dev > 0`` every unit also carries the task's GD step-size selection data (dev set + demos).
     """
     units: list[WorkUnit] = []
     for spec in tasks:
         task = get_task(spec)
         examples = load_examples(task)
         test, pool = split_test_and_pool(examples, n_test, task.num_classes, test_seed)
+        selection = selection_data(pool, n_dev, n_demos, task.num_classes, test_seed) if n_dev else None
         for variant in model_variants:
             for n in n_demos:
                 for seed in seeds:
@@ -342,6 +405,7 @@ def build_work_units(
                             demos,
                             test,
                             [list(range(n))],
+                            selection,
                         )
                     )
             if n_permutations > 1 and order_n_demos and variant in (order_model_variants or model_variants):
@@ -357,6 +421,7 @@ def build_work_units(
                         demos,
                         test,
                         permutations(order_n_demos, n_permutations, seeds[0]),
+                        selection,
                     )
                 )
     return units
@@ -393,6 +458,8 @@ class ICLTaskDataModule(L.LightningDataModule):
             architecture (Deutch et al.: similarity metrics need that baseline).
         order_on_random_init: Also run the order experiment on the random-init model (costly: every
             order fine-tunes twice).
+        n_dev: Class-balanced held-out examples per task (disjoint from the test set) on which the probe
+            chooses GD's step size when it has a grid (``gd_lr_grid``); 0 ships no selection data.
     """
 
     def __init__(
@@ -406,8 +473,17 @@ class ICLTaskDataModule(L.LightningDataModule):
         n_permutations: int = 4,
         random_init_control: bool = True,
         order_on_random_init: bool = False,
+        n_dev: int = 32,
     ) -> None:
         super().__init__()
+        for spec in tasks:
+            get_task(spec)  # a misspelt task fails here, in one line, before any model is loaded
+        if not n_demos or min(n_demos) < 0 or not seeds or n_test < 1 or n_dev < 0 or n_permutations < 0:
+            raise UserFacingError(
+                f"ICL data needs n_demos >= 0 (non-empty), seeds (non-empty), n_test >= 1, n_dev >= 0 and "
+                f"n_permutations >= 0; got n_demos={list(n_demos)}, seeds={list(seeds)}, n_test={n_test}, "
+                f"n_dev={n_dev}, n_permutations={n_permutations}"
+            )
         self.save_hyperparameters()
         self.units: list[WorkUnit] = []
 
@@ -425,6 +501,7 @@ class ICLTaskDataModule(L.LightningDataModule):
             hp.n_permutations,
             variants,
             variants if hp.order_on_random_init else ("pretrained",),
+            hp.n_dev,
         )
 
     @override

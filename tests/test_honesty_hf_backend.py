@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.hf_loading import load_causal_lm, load_tokenizer
-from datamodules.honesty import build_messages, signaling_trials, time_trials
+from common.hf_loading import load_causal_lm, load_tokenizer, tiny_llama_config
+from datamodules.honesty_prompts import build_messages
+from datamodules.honesty_trials import signaling_trials, time_trials
 from lightning_modules.probes.honesty.backends import HFBackend
 
 
@@ -78,15 +79,14 @@ def test_chat_template_rendering_for_chat_models(tmp_cache):
     tok = load_tokenizer("smollm2-135m-instruct")
     trial = signaling_trials(1, seed=0, n_options=3)[0]
     model = load_causal_lm(
-        model_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
+        model_config=tiny_llama_config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
         seed=0,
     ).eval()
     chat = HFBackend(model, tok, "chat", chat=True)

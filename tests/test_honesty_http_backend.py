@@ -68,12 +68,14 @@ class _Server:
                     status, data = 200, b"<html>gateway</html>"
                 elif mode == "no_choices":
                     status, data = 200, b'{"error": null, "choices": []}'
-                elif mode in ("500", "400"):
+                elif mode in ("500", "400", "429"):
                     status, data = int(mode), b'{"error": "scripted"}'
                 else:
                     status, data = _ok(body)
                 try:
                     self.send_response(status)
+                    if mode == "429":
+                        self.send_header("Retry-After", "1")
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -186,3 +188,15 @@ def test_unreachable_and_unsupported(tmp_path, monkeypatch):
         be.generate(MESSAGES)
     with pytest.raises(BackendError, match="use method 'letter' or 'generate'"):
         be.option_logprobs(MESSAGES, ["x"])
+
+
+def test_retry_after_is_honoured(server, tmp_path):
+    be = _backend(server, tmp_path, backoff_s=0.0)
+    server.script = ["429"]
+    start = time.perf_counter()
+    assert be.generate(MESSAGES) == ["B is my answer 0"]
+    assert time.perf_counter() - start >= 0.9  # waited as the server asked, not the 0 s backoff
+    assert len(server.requests) == 2
+    server.script = ["429", "429"]
+    with pytest.raises(BackendError, match=r"failed after 2 attempts: HTTP 429"):
+        be.generate(MESSAGES, max_new_tokens=11)

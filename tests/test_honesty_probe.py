@@ -6,7 +6,8 @@ import lightning as L
 import numpy as np
 import pytest
 
-from datamodules.honesty import HonestyDataModule, build_messages
+from datamodules.honesty import HonestyDataModule
+from datamodules.honesty_prompts import build_messages
 from lightning_modules.probes.honesty.backends import Backend
 from lightning_modules.probes.honesty.probe import HonestyProbe
 from lightning_modules.probes.honesty.speaker_model import speaker_probs

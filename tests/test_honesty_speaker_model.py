@@ -9,30 +9,32 @@ import sys
 import numpy as np
 import pytest
 
-from datamodules.honesty import signaling_trials, time_trials
-from lightning_modules.probes.honesty.__main__ import main as cli_main
-from lightning_modules.probes.honesty.speaker_model import (
+from datamodules.honesty_paradigms import (
     ALL_UTTERANCES,
     FEATURES,
     VALUES,
-    ChoiceData,
     Utilities,
     Utterance,
-    _log_likelihood_and_grad,
-    bootstrap_fit,
-    fit_lambda,
-    helpfulness,
-    honesty,
     listener_choice,
     listener_posterior_means,
     object_rewards,
     relevance,
     signaling_utilities,
-    simulate_choices,
-    speaker_probs,
     time_options,
     time_utilities,
     truthfulness,
+)
+from datamodules.honesty_trials import signaling_trials, time_trials
+from lightning_modules.probes.honesty.__main__ import main as cli_main
+from lightning_modules.probes.honesty.bootstrap import bootstrap_fit
+from lightning_modules.probes.honesty.speaker_model import (
+    ChoiceData,
+    _log_likelihood_and_grad,
+    fit_lambda,
+    helpfulness,
+    honesty,
+    simulate_choices,
+    speaker_probs,
 )
 
 # Green +2, Red -1, Blue 0, Spotted +1, Solid +2, Striped -2

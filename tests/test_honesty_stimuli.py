@@ -5,19 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from datamodules.honesty import (
-    build_messages,
-    parse_answer,
-    render_prompt,
-    signaling_trials,
-    time_trials,
-)
-from lightning_modules.probes.honesty.speaker_model import (
-    ALL_UTTERANCES,
-    Utterance,
-    object_rewards,
-    relevance,
-)
+from datamodules.honesty_paradigms import ALL_UTTERANCES, Utterance, object_rewards, relevance
+from datamodules.honesty_prompts import build_messages, parse_answer, render_prompt
+from datamodules.honesty_trials import signaling_trials, time_trials
 
 
 def test_same_seed_same_trials_other_seed_different():
@@ -112,3 +102,13 @@ def test_parse_answer():
     hh_mm = tm.options[2][len("It's ") : -1]
     assert parse_answer(tm, f"It is {hh_mm} now") == 2
     assert np.isfinite(tm.relevance).all()
+
+
+def test_prompts_come_from_the_declared_templates(monkeypatch):
+    from datamodules import honesty_prompts
+
+    trial = signaling_trials(1, seed=0, n_options=3)[0]
+    monkeypatch.setitem(honesty_prompts.TEMPLATES, "letter_ask", "Reply with one letter.")
+    user = build_messages(trial, "letter")[1]["content"]
+    assert user.endswith("Reply with one letter.")  # the wording is data: changing it changes the prompt
+    assert build_messages(trial, "text")[1]["content"].endswith(honesty_prompts.TEMPLATES["text_ask"])

@@ -39,6 +39,7 @@ def _probe(tiny_model_config):
         tokenizer="byt5",
         gd_lr=0.1,
         gd_epochs=2,
+        gd_lr_grid=[0.03, 0.1],
         batch_size=8,
         analysis_examples=2,
         von_oswald=True,
@@ -56,6 +57,7 @@ def _data(**kw):
         n_permutations=2,
         random_init_control=True,
         order_on_random_init=True,
+        n_dev=4,
     )
     return ICLTaskDataModule(**(args | kw))
 
@@ -98,6 +100,14 @@ def test_probe_writes_results_records_and_plots(tmp_path, tiny_model_config):
     assert order["gd_full_batch"]["max_loglik_spread"] < 1e-4  # order-invariant up to fp32 summation
     for name in ("icl_gd_metrics_vs_n.png", "icl_gd_order.png", "icl_gd_records.csv", "icl_gd_aggregate.csv"):
         assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "icl_gd_summary.png").stat().st_size > 0
+    prov = res["provenance"]
+    assert prov["packages"]["torch"] and prov["date_utc"] and "commit" in prov["git"]
+    assert prov["data"]["n_test"] == 4 and prov["seeds"]["seed"] == 0
+    chosen = agg["gd_selection"]["pretrained"][sweep["task"]]
+    assert chosen["selected"]["lr"] in (0.03, 0.1) and len(chosen["grid"]) == 2
+    assert sweep["gd"]["lr"] == chosen["selected"]["lr"]  # the unit ran GD at the chosen step size
+    assert 0.0 <= m["gd_vs_zero_shot_agreement"] <= 1.0 and isinstance(m["gd_flags"], list)
 
 
 def test_ddp_split_and_gather_equals_one_process(tmp_path, tiny_model_config):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from common.hf_loading import load_causal_lm, tiny_llama_config
 from lightning_modules.probes.icl_scoring import (
     encode_pair,
     encode_requests,
@@ -23,17 +23,8 @@ class ByteTokenizer:
 
 
 def tiny_llama(dtype=torch.float64):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    config = tiny_llama_config(vocab_size=260, hidden_size=32, intermediate_size=64, max_position_embeddings=512)
+    return load_causal_lm(model_config=config, seed=0).to(dtype).eval()
 
 
 def test_encode_pair_moves_trailing_space_into_continuation():

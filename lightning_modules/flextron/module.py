@@ -172,8 +172,9 @@ class FlextronModule(FlextronValidation):
     @override
     def configure_model(self) -> None:
         """Shard the LLM under FSDP2; routers stay whole on every rank (read outside the LLM's forward)."""
-        refuse_strategy(self, FSDPStrategy, "FlextronModule: FSDPStrategy (FSDP1) fails in backward on its repeated "
-                        "sub-network forwards; use configs/trainer/fsdp2.yaml (ModelParallelStrategy), ddp or deepspeed")
+        refuse_strategy(self, FSDPStrategy,
+                        "FlextronModule: FSDPStrategy (FSDP1) fails in backward on its repeated sub-network forwards; "
+                        "use configs/trainer/fsdp2.yaml (ModelParallelStrategy), ddp or deepspeed")
         configure_sharding(self, shard=[self.model], replicate=[m for m in (self.router, self.surrogate) if m])
 
     @override

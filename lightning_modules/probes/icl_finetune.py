@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import UserFacingError
 from lightning_modules.probes.icl_scoring import encode_pair
 
 DAI_LEARNING_RATES: dict[str, float] = {
@@ -62,13 +63,13 @@ class GDConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("full_batch", "sgd"):
-            raise ValueError(f"GD mode must be 'full_batch' or 'sgd', got {self.mode!r}")
+            raise UserFacingError(f"GD mode must be 'full_batch' or 'sgd', got {self.mode!r}")
         if self.params not in ("all", "kv"):
-            raise ValueError(f"GD params must be 'all' or 'kv', got {self.params!r}")
+            raise UserFacingError(f"GD params must be 'all' or 'kv', got {self.params!r}")
         if self.preset not in (None, "dai"):
-            raise ValueError(f"GD preset must be None or 'dai', got {self.preset!r}")
+            raise UserFacingError(f"GD preset must be None or 'dai', got {self.preset!r}")
         if self.lr <= 0 or self.epochs < 1:
-            raise ValueError(f"GD needs lr > 0 and epochs >= 1, got lr={self.lr}, epochs={self.epochs}")
+            raise UserFacingError(f"GD needs lr > 0 and epochs >= 1, got lr={self.lr}, epochs={self.epochs}")
 
     def resolved(self, task_name: str) -> GDConfig:
         """The configuration actually used for ``task_name`` (applies the preset)."""
@@ -88,7 +89,7 @@ def trainable_parameters(model: torch.nn.Module, params: str, kv_pattern: str = 
         return names
     chosen = [n for n in names if re.search(kv_pattern, n)]
     if not chosen:
-        raise ValueError(
+        raise UserFacingError(
             f"GD params='kv' matched no parameter with pattern {kv_pattern!r}; set gd.kv_pattern for this "
             f"architecture (names look like {names[:3]})"
         )
@@ -146,8 +147,9 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
         train = set(trainable_parameters(tuned, cfg.params, cfg.kv_pattern))
         frozen_ints = [n for n, p in tuned.named_parameters() if n in train and not p.dtype.is_floating_point]
         if frozen_ints:
-            raise ValueError(
-                f"GD cannot update quantized weights ({frozen_ints[0]} is {dict(tuned.named_parameters())[frozen_ints[0]].dtype}); "
+            dtype = dict(tuned.named_parameters())[frozen_ints[0]].dtype
+            raise UserFacingError(
+                f"GD cannot update quantized weights ({frozen_ints[0]} is {dtype}); "
                 "run the probe with quantization: null and dtype bfloat16/float32"
             )
         for name, p in tuned.named_parameters():

@@ -12,6 +12,8 @@ and plots into the run directory, and logs tables and images to W&B when the run
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -20,12 +22,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from common.atomic import atomic_write_json
-from common.hf_loading import load_causal_lm, load_tokenizer
+from common.errors import UserFacingError
+from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
 from datamodules.icl_tasks import WorkUnit
-from lightning_modules.probes import icl_report
-from lightning_modules.probes.icl_finetune import GDConfig
-from lightning_modules.probes.icl_runner import ScoringOptions, json_safe, run_unit
+from lightning_modules.probes import icl_paper_report, icl_report
+from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
+from lightning_modules.probes.icl_gd_selection import select_gd
+from lightning_modules.probes.icl_runner import (
+    ScoringOptions,
+    json_safe,
+    predictions_after_gd,
+    predictions_of,
+    run_unit,
+)
+from lightning_modules.probes.provenance import git_revision, model_source_hash, provenance
 from lightning_modules.sharding import configure_sharding
 
 RESULTS_FILE = "icl_gd_results.json"
@@ -43,9 +54,13 @@ class ICLvsGDProbe(L.LightningModule):
             weights, so quantized runs fine-tune only what bitsandbytes leaves trainable.
         gd_mode: "full_batch" or "sgd" (batch 1, demos in the given order).
         gd_params: "all" or "kv" (attention key/value projections only).
-        gd_lr: SGD learning rate.
-        gd_epochs: Passes over the demonstrations.
-        gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates).
+        gd_lr: SGD learning rate when no grid is given (``gd_lr_grid: null``).
+        gd_epochs: Passes over the demonstrations when no grid is given.
+        gd_lr_grid: Learning rates among which GD's step size is chosen per model variant and task on
+            the datamodule's held-out dev set (see ``icl_gd_selection`` for the rule); None: use ``gd_lr``.
+        gd_epochs_grid: Epoch counts searched with ``gd_lr_grid``; None: ``[gd_epochs]``.
+        gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates; a task
+            the preset does not cover gets the chosen or given step size).
         batch_size: Scoring batch size.
         reuse_prefix: Reuse the demonstrations' KV cache across queries (exact; faster).
         full_vocab: Also compare the full-vocabulary next-token distributions.
@@ -68,7 +83,9 @@ class ICLvsGDProbe(L.LightningModule):
         gd_mode: str = "full_batch",
         gd_params: str = "all",
         gd_lr: float = 1e-3,
-        gd_epochs: int = 1,
+        gd_epochs: int = 2,
+        gd_lr_grid: Sequence[float] | None = (1e-4, 3e-4, 1e-3, 3e-3),
+        gd_epochs_grid: Sequence[int] | None = None,
         gd_preset: str | None = None,
         batch_size: int = 16,
         reuse_prefix: bool = True,
@@ -81,20 +98,30 @@ class ICLvsGDProbe(L.LightningModule):
         num_threads: int | None = None,
     ) -> None:
         super().__init__()
+        if quantization is not None:
+            # GD updates the weights; bitsandbytes' 8/4-bit weights are integer tensors autograd cannot step.
+            # Refuse before any model is loaded or any example scored, not after the scoring has run.
+            raise UserFacingError(
+                f"the ICL-vs-GD probe cannot run GD on a {quantization} quantized model (its weights are not "
+                "trainable); use quantization: null with dtype bfloat16 or float32"
+            )
         self.save_hyperparameters()
         self.gd = GDConfig(gd_mode, gd_params, gd_lr, gd_epochs, gd_preset)
         self.opts = ScoringOptions(batch_size, reuse_prefix, full_vocab, analysis_examples, seed=seed)
         self.lm: torch.nn.Module | None = None
         self.tokenizer = None
         self._random_lm: torch.nn.Module | None = None
+        self._selections: dict[tuple[str, str], dict] = {}
         self._results: list[dict] = []
         self.results: dict[str, Any] | None = None
+        self._summary: str | None = None
 
     @override
     def setup(self, stage: str) -> None:
         if self.lm is not None:
             return
         hp = self.hparams
+        self._git_at_start = git_revision()  # the code that ran, even if the checkout moves on meanwhile
         if hp.num_threads:
             torch.set_num_threads(hp.num_threads)
         self.lm = load_causal_lm(
@@ -139,10 +166,56 @@ class ICLvsGDProbe(L.LightningModule):
         self._results = []
         self.opts.zero_shot_cache.clear()
 
+    def _gd_for(self, unit: WorkUnit) -> tuple[GDConfig, dict | None]:
+        """The GD configuration of ``unit``'s task, chosen on its dev set once per process.
+
+        Every rank that meets the pair runs the same deterministic selection, so DDP ranks agree without
+        communicating.
+        """
+        hp, task = self.hparams, unit.task
+        if (self.gd.preset == "dai" and task.name in DAI_LEARNING_RATES) or not hp.gd_lr_grid:
+            return self.gd.resolved(task.name), None
+        if unit.selection is None:
+            raise UserFacingError(
+                "gd_lr_grid needs held-out dev examples: set the datamodule's n_dev > 0 (or gd_lr_grid: null)"
+            )
+        key = task.name  # the random-init control reuses the pretrained model's choice (icl_gd_selection)
+        model = self.lm
+        if key not in self._selections:
+            start = time.perf_counter()
+            tok, opts = self.tokenizer, self.opts
+            base = GDConfig(self.gd.mode, self.gd.params, self.gd.lr, self.gd.epochs, None, self.gd.kv_pattern)
+            record = select_gd(
+                base.resolved(task.name) if self.gd.preset is None else replace(base, mode="sgd", params="kv"),
+                list(hp.gd_lr_grid),
+                list(hp.gd_epochs_grid or [hp.gd_epochs]),
+                unit.selection,
+                lambda dev: predictions_of(model, tok, task, [], dev, opts),
+                lambda cfg, demos, dev: predictions_after_gd(model, tok, task, cfg, demos, dev, opts),
+            )
+            record["seconds"] = time.perf_counter() - start
+            self._selections[key] = record
+            chosen = record["selected"]
+            grid = "; ".join(
+                f"lr {c['lr']:g} x{c['epochs']}: dev acc {c['mean_dev_accuracy']:.2f}, "
+                f"changed {c['mean_dev_changed']:.2f}"
+                f"{', collapsed' if any(c['dev_collapsed'].values()) else ''}"
+                for c in record["grid"]
+            )
+            rank_zero_info(
+                f"[icl_gd] {task.name}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) chosen on "
+                f"{record['n_dev']} dev examples{' (fallback)' if record['fallback'] else ''} [{grid}]"
+            )
+        record = self._selections[key]
+        return record["config"], {k: v for k, v in record.items() if k != "config"}
+
     @override
     def test_step(self, batch: WorkUnit, batch_idx: int) -> None:
         start = time.perf_counter()
-        result = run_unit(self._model_for(batch.model_variant), self.tokenizer, batch, self.gd, self.opts)
+        model = self._model_for(batch.model_variant)
+        gd, selection = self._gd_for(batch)
+        result = run_unit(model, self.tokenizer, batch, gd, self.opts)
+        result["gd_selection"] = selection
         result["seconds"] = time.perf_counter() - start
         result["rank"] = self.global_rank
         self._results.append(json_safe(result))
@@ -172,6 +245,7 @@ class ICLvsGDProbe(L.LightningModule):
             control = run_control(train_steps=self.hparams.von_oswald_steps, seed=self.hparams.seed)
         self.results = {
             "config": dict(self.hparams),
+            "provenance": self._provenance(),
             "aggregate": agg,
             "von_oswald_control": control,
             "units": units,
@@ -236,7 +310,34 @@ class ICLvsGDProbe(L.LightningModule):
             png = fn(results["aggregate"], out / f"{key.replace('/', '_')}.png")
             if png is not None:
                 log_image(self.trainer, key, png)
+        rows = icl_paper_report.summary_rows(results["aggregate"])
+        png = icl_paper_report.plot_summary(rows, out / icl_paper_report.REPORT_PNG)
+        if png is not None:
+            log_image(self.trainer, "icl_gd/summary", png)
         rank_zero_info(f"[icl_gd] results written to {out / RESULTS_FILE}")
+        self._summary = f"\n{icl_paper_report.format_table(rows)}\nsummary figure: {png}"
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # The paper-facing summary ends the run's output, after Lightning's metrics table
+        # (ICL~GD, GD~ZS: share of test examples with the same top-1 label).
+        if self._summary:
+            print(self._summary, flush=True)
+            self._summary = None
+
+    def _provenance(self) -> dict:
+        """Versions, git revision, date, the model's source and hash, the data settings and the seeds."""
+        hp = self.hparams
+        source = hp.model
+        if source in MODEL_ALIASES:
+            source = resolve_alias(source)
+        data = getattr(self.trainer, "datamodule", None)
+        return provenance(
+            model=model_source_hash(source) | {"name": hp.model, "config": hp.model_config},
+            data=dict(data.hparams) if data is not None else None,
+            seeds={"seed": hp.seed, "random_init_seed": hp.random_init_seed},
+            git=getattr(self, "_git_at_start", None) or git_revision(),
+        )
 
     @override
     def configure_optimizers(self):

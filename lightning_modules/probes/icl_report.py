@@ -7,11 +7,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from common.atomic import atomic_save_figure
+
 SCALARS = {
     "acc_zero_shot": lambda m: m["acc_zero_shot"],
     "acc_icl": lambda m: m["acc_icl"],
     "acc_gd": lambda m: m["acc_gd"],
     "token_overlap": lambda m: m["token_overlap"],
+    "gd_vs_zero_shot_agreement": lambda m: m.get("gd_vs_zero_shot_agreement"),
+    "icl_vs_zero_shot_agreement": lambda m: m.get("icl_vs_zero_shot_agreement"),
     "icl_vs_gd_label_cosine": lambda m: m["icl_vs_gd"]["label_cosine"],
     "icl_vs_gd_label_js": lambda m: m["icl_vs_gd"]["label_js"],
     "icl_vs_gd_vocab_cosine": lambda m: m["icl_vs_gd"].get("vocab_cosine"),
@@ -48,14 +52,18 @@ def merge_units(gathered: list[list[dict]]) -> list[dict]:
 
 
 def aggregate(units: list[dict]) -> dict:
-    """Mean and std over seeds of every scalar, per model variant, task and N; order results as they are."""
+    """Mean and std over seeds of every scalar, per model variant, task and N; order results as they are.
+
+    N=0 units are left out: with no demonstrations ICL and GD are zero-shot by definition, so their
+    agreement of 1.0 is not a measurement (the per-unit records keep them).
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for u in units:
-        if u["kind"] == "sweep":
+        if u["kind"] == "sweep" and u["n_demos"] > 0:
             groups[(u["model_variant"], u["task"], u["n_demos"])].append(u["metrics"])
     sweep: dict = {}
     for (variant, task, n), ms in sorted(groups.items()):
-        row = {"n_seeds": len(ms)}
+        row = {"n_seeds": len(ms), "gd_flags": sorted({f for m in ms for f in m.get("gd_flags", [])})}
         for name, get in SCALARS.items():
             vals = [get(m) for m in ms]
             row[name] = _mean(vals)
@@ -69,7 +77,11 @@ def aggregate(units: list[dict]) -> dict:
                 "n_orders": len(u["records"][0]["orders"]),
                 **u["metrics"],
             }
-    return {"sweep": sweep, "order": order}
+    selection: dict = {}
+    for u in units:
+        if u.get("gd_selection"):
+            selection.setdefault(u["model_variant"], {}).setdefault(u["task"], u["gd_selection"])
+    return {"sweep": sweep, "order": order, "gd_selection": selection}
 
 
 def plot_sweep(agg: dict, path: Path) -> Path | None:
@@ -146,10 +158,6 @@ def plot_order(agg: dict, path: Path) -> Path | None:
 
 def _save_figure(fig, path: Path) -> Path:
     """Lay out, write and close a figure (closing frees it: probes draw many in one process)."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=80)
     return path

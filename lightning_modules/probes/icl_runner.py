@@ -93,6 +93,10 @@ def run_sweep_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOption
         f"acc_{k}": M.accuracy(p, labels, task.num_classes) for k, p in preds.items()
     }
     metrics["token_overlap"] = M.token_overlap(preds["icl"], preds["gd"])
+    metrics["gd_vs_zero_shot_agreement"] = M.token_overlap(preds["gd"], preds["zero_shot"])
+    metrics["icl_vs_zero_shot_agreement"] = M.token_overlap(preds["icl"], preds["zero_shot"])
+    metrics["gd_distinct_predictions"] = int(preds["gd"].unique().numel())
+    metrics["gd_flags"] = gd_flags(preds["zero_shot"], preds["gd"], task.num_classes)
     metrics["icl_vs_gd"] = _sim(icl, ft)
     metrics["icl_shift_from_zero_shot"] = _sim(icl, zs)
     metrics["gd_shift_from_zero_shot"] = _sim(ft, zs)
@@ -172,12 +176,40 @@ def run_order_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOption
     }
 
 
+def gd_flags(zero_shot: torch.Tensor, gd: torch.Tensor, num_classes: int) -> list[str]:
+    """Why a unit's GD side may not measure GD learning the task.
+
+    ``unchanged``: GD left >= 90% of the zero-shot predictions as they were (ICL-vs-GD is then mostly
+    ICL-vs-zero-shot); ``collapsed``: GD predicts one label for every test example of a task with more.
+    """
+    flags = []
+    if len(gd) and M.token_overlap(gd, zero_shot) >= 0.9:
+        flags.append("unchanged")
+    if len(gd) > 1 and num_classes > 1 and gd.unique().numel() == 1:
+        flags.append("collapsed")
+    return flags
+
+
+def predictions_of(model, tok, task: ICLTask, demos: list[Example], test: list[Example], opts) -> torch.Tensor:
+    """Top-1 label of every ``test`` example after ``demos`` in context (zero-shot when empty)."""
+    return M.predictions(_score(model, tok, task, demos, test, opts)[0].loglik)
+
+
+def predictions_after_gd(model, tok, task: ICLTask, cfg: GDConfig, demos, test, opts) -> torch.Tensor:
+    """Top-1 label of every ``test`` example, zero-shot, after GD with ``cfg`` on ``demos``."""
+    tuned, _ = _gd_model(model, tok, task, demos, cfg, opts)
+    return predictions_of(tuned, tok, task, [], test, opts)
+
+
 def _has_bos(tok, opts: ScoringOptions) -> bool:
     return bool(opts.add_special_tokens and leading_special_tokens(tok))
 
 
 def run_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOptions) -> dict:
-    """Dispatch on ``unit.kind`` and attach the unit's identity and demonstrations."""
+    """Dispatch on ``unit.kind`` and attach the unit's identity and demonstrations.
+
+    ``gd`` is the configuration for this unit's task (already chosen or resolved by the caller).
+    """
     body = (run_sweep_unit if unit.kind == "sweep" else run_order_unit)(model, tok, unit, gd, opts)
     return {
         "uid": unit.uid,

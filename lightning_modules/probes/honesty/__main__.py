@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from datamodules.honesty import signaling_trials, time_trials
-from lightning_modules.probes.honesty.speaker_model import ChoiceData, bootstrap_fit, simulate_choices
+from datamodules.honesty_trials import signaling_trials, time_trials
+from lightning_modules.probes.honesty.bootstrap import DEFAULT_N_BOOT, bootstrap_fit
+from lightning_modules.probes.honesty.speaker_model import ChoiceData, simulate_choices
 
 
 def simulate(
@@ -23,7 +24,7 @@ def simulate(
     seed: int,
     beta: float = 3.0,
     paradigm: str = "signaling",
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_N_BOOT,
     fit_beta: bool = True,
     n_options: int | None = None,
 ) -> dict:
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--beta", type=float, default=3.0, help="planted speaker rationality")
     sim.add_argument("--paradigm", choices=("signaling", "time"), default="signaling")
-    sim.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the CI (0: none)")
+    sim.add_argument(
+        "--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples for the CI (0: none)"
+    )
     sim.add_argument("--fix-beta", action="store_true", help="hold beta at --beta instead of fitting it")
     sim.add_argument(
         "--n-options", type=int, default=None, help="signaling options shown per item (default 30)"

@@ -16,23 +16,29 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.client
 import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import urllib3
+from urllib3.util import Retry, Timeout
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
-from datamodules.honesty import render_prompt
+from datamodules.honesty_prompts import render_prompt
+
+RETRY_STATUSES: tuple[int, ...] = (429, 500, 502, 503, 504)
+_ADVICE = "Check base_url and the server, or raise timeout_s / max_retries; cached replies are kept."
+
+
+class _MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (counted against the retry budget like an error)."""
+
 
 FOLLOWUP_AFTER_REASONING = "Now give only your final answer, in the format asked for above."
 
@@ -282,8 +288,10 @@ class OpenAIChatBackend(Backend):
         api_key_env: environment variable holding the key.
         label: name in results (default: ``model``).
         timeout_s: per-request timeout.
-        max_retries: extra attempts after a timeout, connection error, 429/5xx or malformed reply.
-        backoff_s: first retry delay; doubles each retry.
+        max_retries: extra attempts after a timeout, connection error, 429/5xx or malformed reply
+            (urllib3's ``Retry``: a ``Retry-After`` header sets the wait).
+        backoff_s: backoff factor: the n-th retry waits ``backoff_s * 2**(n-1)`` plus up to ``backoff_s``
+            of random jitter.
         cache_dir: response cache folder (default ``$XDG_CACHE_HOME/lumenlm/honesty_http``).
         top_logprobs: how many alternatives to ask for when scoring letters.
     """
@@ -319,6 +327,7 @@ class OpenAIChatBackend(Backend):
         )
         self.cache = ResponseCache(root)
         self.n_requests = 0  # requests that reached the network (cache misses)
+        self._pool = urllib3.PoolManager()
 
     # ---- transport -------------------------------------------------------------------------------
 
@@ -333,43 +342,51 @@ class OpenAIChatBackend(Backend):
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        # urllib3 retries timeouts, connection errors and 429/5xx with exponential backoff plus jitter,
+        # waiting as long as a Retry-After header asks; a malformed 200 reply spends the same budget.
+        retry = Retry(
+            total=self.max_retries,
+            backoff_factor=self.backoff_s,
+            backoff_jitter=self.backoff_s,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # POST too: a chat completion has no side effect worth protecting
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        attempts = f"failed after {self.max_retries + 1} attempts"
+        while True:
             self.n_requests += 1
             try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:300].decode(errors="replace")
-                last = f"HTTP {err.code}: {detail}"
-                if err.code in (429,) or err.code >= 500:
-                    continue
-                raise BackendError(
-                    f"{self.url} refused the request ({last}); check model name, key and payload"
-                ) from err
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as err:
-                reason = getattr(err, "reason", err)
-                last = (
-                    f"timed out after {self.timeout_s} s"
-                    if isinstance(reason, TimeoutError)
-                    else f"{reason!r}"
+                resp = self._pool.request(
+                    "POST", self.url, body=body, headers=headers, timeout=Timeout(total=self.timeout_s), retries=retry
                 )
-                continue
+            except urllib3.exceptions.MaxRetryError as err:
+                raise BackendError(f"POST {self.url} {attempts}: {self._reason(err.reason)}. {_ADVICE}") from None
+            except urllib3.exceptions.HTTPError as err:
+                raise BackendError(f"POST {self.url} {attempts}: {self._reason(err)}. {_ADVICE}") from None
+            detail = f"HTTP {resp.status}: {resp.data[:300].decode(errors='replace')}"
+            if resp.status in RETRY_STATUSES:  # retries used up on a busy or failing server
+                raise BackendError(f"POST {self.url} {attempts}: {detail}. {_ADVICE}")
+            if resp.status >= 400:
+                raise BackendError(f"{self.url} refused the request ({detail}); check model name, key and payload")
             try:
-                reply = json.loads(raw)
+                reply = json.loads(resp.data)
                 _validate_reply(reply)
             except ValueError as err:
-                last = f"malformed reply ({err}); body starts {raw[:120]!r}"
+                problem = f"malformed reply ({err}); body starts {resp.data[:120]!r}"
+                try:
+                    retry = (resp.retries or retry).increment("POST", self.url, error=_MalformedReply(problem))
+                except urllib3.exceptions.MaxRetryError:
+                    raise BackendError(f"POST {self.url} {attempts}: {problem}. {_ADVICE}") from None
+                retry.sleep()
                 continue
             self.cache.put(key, reply)
             return reply
-        raise BackendError(
-            f"POST {self.url} failed after {self.max_retries + 1} attempts: {last}. "
-            "Check base_url and the server, or raise timeout_s / max_retries; cached replies are kept."
-        )
+
+    def _reason(self, error: BaseException | None) -> str:
+        if isinstance(error, urllib3.exceptions.TimeoutError):
+            return f"timed out after {self.timeout_s} s"
+        return repr(error)
 
     # ---- Backend ---------------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.atomic import atomic_write_bytes  # noqa: E402
-from lightning_modules.probes.honesty.speaker_model import DECISION_CONTEXTS, HUMAN_LAMBDA  # noqa: E402
+from common.atomic import atomic_save_figure  # noqa: E402
+from datamodules.honesty_paradigms import DECISION_CONTEXTS  # noqa: E402
+from lightning_modules.probes.honesty.speaker_model import HUMAN_LAMBDA  # noqa: E402
 
 FRAMING_ORDER = ("belief", "ambiguous", "utility")
 
@@ -22,10 +22,7 @@ def _series(row: dict[str, Any]) -> str:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
     return path
 
 

@@ -28,9 +28,10 @@ from typing_extensions import override
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
-from common.hf_loading import load_causal_lm, load_tokenizer
+from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
 from common.run_outputs import gather_objects, log_image, log_table, run_directory
-from datamodules.honesty import Trial, build_messages, option_labels, parse_answer
+from datamodules.honesty_prompts import build_messages, option_labels, parse_answer
+from datamodules.honesty_trials import Trial
 from lightning_modules.probes.honesty.backends import Backend, HFBackend, OpenAIChatBackend
 from lightning_modules.probes.honesty.plots import (
     plot_honesty_vs_helpfulness,
@@ -39,6 +40,7 @@ from lightning_modules.probes.honesty.plots import (
 )
 from lightning_modules.probes.honesty.scoring import aggregate, dedupe, record_utilities
 from lightning_modules.probes.honesty.speaker_model import helpfulness, honesty
+from lightning_modules.probes.provenance import model_source_hash, provenance
 from lightning_modules.sharding import configure_sharding
 
 METHODS: tuple[str, ...] = ("loglik", "letter", "generate")
@@ -62,6 +64,14 @@ _OPENAI_KEYS = {
 }
 
 
+REDACTED = "<redacted>"
+
+
+def redact_api_keys(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the model entries with any ``api_key`` value replaced by ``REDACTED``."""
+    return [{k: (REDACTED if k == "api_key" else v) for k, v in m.items()} for m in models]
+
+
 class HonestyProbe(L.LightningModule):
     """Scores how models trade honesty against helpfulness, per model, method and condition.
 
@@ -77,7 +87,8 @@ class HonestyProbe(L.LightningModule):
         temperature: sampling temperature of free answers (0: greedy).
         fit_beta: fit the speaker rationality with lambda; otherwise hold it at ``beta``.
         beta: speaker rationality when not fitted.
-        n_boot: bootstrap resamples (over items) for the confidence intervals.
+        n_boot: bootstrap resamples (over items) for the confidence intervals (percentile intervals,
+            ``scipy.stats.bootstrap``; see ``honesty.bootstrap``).
         confidence: CI level.
         seed: seeds sampling (per trial, so results do not depend on how ranks split the items).
         plots: write the PNG plots (and log them to W&B).
@@ -93,7 +104,7 @@ class HonestyProbe(L.LightningModule):
         temperature: float = 0.0,
         fit_beta: bool = True,
         beta: float = 1.0,
-        n_boot: int = 200,
+        n_boot: int = 1000,
         confidence: float = 0.95,
         seed: int = 0,
         plots: bool = True,
@@ -124,9 +135,10 @@ class HonestyProbe(L.LightningModule):
                     "drop method 'loglik' (use 'letter' and/or 'generate')"
                 )
         self.model_specs = models
-        # hparams end up in results.json and the logger's config: never an API key
-        models = [{k: ("<redacted>" if k == "api_key" else v) for k, v in m.items()} for m in models]  # noqa: F841
-        self.save_hyperparameters()
+        # hparams end up in results.json, the checkpoint and the logger's config: the model entries are
+        # saved with every API key replaced by a marker, never as given.
+        self.save_hyperparameters(ignore=["models"])
+        self.save_hyperparameters({**self.hparams, "models": redact_api_keys(models)})
         self.lms = torch.nn.ModuleDict()
         self.backends: dict[str, Backend] = {}
         self._records: list[dict[str, Any]] = []
@@ -269,8 +281,21 @@ class HonestyProbe(L.LightningModule):
 
     def _write(self, rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
         out = run_directory(self.trainer) / "honesty"
+        data = getattr(self.trainer, "datamodule", None)
+        models = []
+        for spec in self.hparams.models:
+            local = spec.get("kind", "hf") == "hf"
+            source = spec.get("model") if local else None  # an API model has no local weights to hash
+            if source in MODEL_ALIASES:
+                source = resolve_alias(source)
+            models.append({"label": spec["label"], "model": spec.get("model"), **model_source_hash(source)})
         payload = {
             "hparams": dict(self.hparams),
+            "provenance": provenance(
+                models=models,
+                data=dict(data.hparams) if data is not None else None,
+                seeds={"seed": self.hparams.seed, "stimuli": getattr(data.hparams, "seed", None) if data else None},
+            ),
             "n_records": len(records),
             "note": "Small models mostly show surface priors over the options; read these as what this "
             "model does on these stimuli, not as a replication of the paper's findings.",

@@ -14,14 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.probes.honesty.speaker_model import (
-    HUMAN_LAMBDA,
-    ChoiceData,
-    Utilities,
-    bootstrap_fit,
-    helpfulness,
-    honesty,
-)
+from datamodules.honesty_paradigms import Utilities
+from lightning_modules.probes.honesty.bootstrap import DEFAULT_N_BOOT, bootstrap_fit
+from lightning_modules.probes.honesty.speaker_model import HUMAN_LAMBDA, ChoiceData, helpfulness, honesty
 
 GROUP_KEYS: tuple[str, ...] = ("model", "method", "paradigm", "framing", "context", "cot")
 
@@ -55,7 +50,7 @@ def group_name(key: dict[str, Any]) -> str:
 def aggregate(
     records: list[dict[str, Any]],
     *,
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_N_BOOT,
     confidence: float = 0.95,
     fit_beta: bool = True,
     beta: float = 1.0,

@@ -1,0 +1,136 @@
+"""Choose GD's step size per model and task on held-out data, by a stated rule (no Lightning).
+
+A step size that barely moves the model makes "ICL agrees with GD" mean "ICL agrees with zero-shot";
+one that is too large collapses every prediction onto one label word. Neither measures GD learning
+the task, and the right value differs between models and tasks by orders of magnitude. So for each
+(model variant, task) the probe tries a small grid of learning rates x epochs and picks one on a dev
+set that is disjoint from the test set (``datamodules.icl_tasks.GDSelectionData``):
+
+1. For every candidate and every N of the sweep, fine-tune on that N's selection demonstrations and
+   predict the dev set. A candidate *moves* the model when, averaged over N >= ``MIN_MOVE_N``, it
+   changes at least ``MIN_CHANGED`` (20%) of the zero-shot dev predictions, and *collapses* when at
+   some N all dev predictions are one label.
+2. Among candidates that move and never collapse, pick the highest mean dev accuracy over N (ties:
+   the smaller learning rate, then fewer epochs). If none qualifies, pick the highest mean dev
+   accuracy among all candidates and mark the choice ``fallback`` (the report flags it).
+
+The random-init control model uses the step size chosen for the pretrained model on the same task, so
+the control differs from the measurement in its weights only (and its chance-level dev accuracy would
+make a choice of its own noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from datamodules.icl_tasks import Example, GDSelectionData
+from lightning_modules.probes.icl_finetune import GDConfig
+
+MIN_CHANGED = 0.20
+"""A step size qualifies only if GD changes at least this share of zero-shot dev predictions: an update
+that leaves (nearly) all of them as they were makes ICL-vs-GD a comparison of ICL with zero-shot."""
+
+MIN_MOVE_N = 4
+"""Smallest N whose dev predictions count towards "moves": with 1-2 demos GD may rightly move little."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One grid point's dev results."""
+
+    lr: float
+    epochs: int
+    dev_accuracy: dict[int, float]
+    dev_changed: dict[int, float]
+    dev_collapsed: dict[int, bool]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.dev_accuracy.values()) / len(self.dev_accuracy)
+
+    @property
+    def mean_changed(self) -> float:
+        big = [v for n, v in self.dev_changed.items() if n >= MIN_MOVE_N] or list(self.dev_changed.values())
+        return sum(big) / len(big)
+
+    @property
+    def collapsed(self) -> bool:
+        return any(self.dev_collapsed.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "dev_accuracy": {str(n): v for n, v in self.dev_accuracy.items()},
+            "dev_changed_vs_zero_shot": {str(n): v for n, v in self.dev_changed.items()},
+            "dev_collapsed": {str(n): v for n, v in self.dev_collapsed.items()},
+            "mean_dev_accuracy": self.mean_accuracy,
+            "mean_dev_changed": self.mean_changed,
+        }
+
+
+def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, bool]:
+    """The rule in the module docstring: ``(chosen, fallback)``."""
+    if not candidates:
+        raise ValueError("GD step-size selection needs at least one candidate")
+    qualified = [c for c in candidates if c.mean_changed >= MIN_CHANGED and not c.collapsed]
+    pool = qualified or list(candidates)
+    best = max(pool, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs))
+    return best, not qualified
+
+
+def collapsed(preds: torch.Tensor) -> bool:
+    """All predictions are the same label (more than one example)."""
+    return len(preds) > 1 and bool((preds == preds[0]).all())
+
+
+def select_gd(
+    base: GDConfig,
+    lr_grid: Sequence[float],
+    epochs_grid: Sequence[int],
+    data: GDSelectionData,
+    predict_zero_shot: Callable[[list[Example]], torch.Tensor],
+    predict_after_gd: Callable[[GDConfig, list[Example], list[Example]], torch.Tensor],
+) -> dict:
+    """Run the grid and return the selection record (its ``config`` is the GDConfig to use).
+
+    Args:
+        base: Mode, parameters and K/V pattern to keep; only ``lr`` and ``epochs`` are searched.
+        lr_grid: Learning rates to try.
+        epochs_grid: Epoch counts to try.
+        data: The task's dev set and per-N selection demonstrations.
+        predict_zero_shot: ``dev -> predictions`` of the untouched model.
+        predict_after_gd: ``(config, demos, dev) -> predictions`` after GD on ``demos``.
+    """
+    if not data.demos:
+        raise ValueError("GD step-size selection needs at least one N > 0 in the sweep")
+    labels = torch.tensor([e.label for e in data.dev])
+    zs = predict_zero_shot(data.dev)
+    candidates = []
+    for lr in lr_grid:
+        for epochs in epochs_grid:
+            cfg = replace(base, lr=float(lr), epochs=int(epochs), preset=None)
+            acc, changed, coll = {}, {}, {}
+            for n, demos in sorted(data.demos.items()):
+                preds = predict_after_gd(cfg, demos, data.dev)
+                acc[n] = float((preds == labels).double().mean())
+                changed[n] = float((preds != zs).double().mean())
+                coll[n] = collapsed(preds)
+            candidates.append(Candidate(float(lr), int(epochs), acc, changed, coll))
+    best, fallback = choose(candidates)
+    return {
+        "rule": (
+            f"max mean dev accuracy among candidates changing >= {MIN_CHANGED:.0%} of zero-shot dev "
+            f"predictions (N >= {MIN_MOVE_N}) without collapsing to one label"
+        ),
+        "n_dev": len(data.dev),
+        "dev_indices": [e.index for e in data.dev],
+        "dev_accuracy_zero_shot": float((zs == labels).double().mean()),
+        "grid": [c.as_dict() for c in candidates],
+        "selected": {"lr": best.lr, "epochs": best.epochs},
+        "fallback": fallback,
+        "config": replace(base, lr=best.lr, epochs=best.epochs, preset=None),
+    }

@@ -1,0 +1,48 @@
+"""Mistakes a user can make in an ICL probe config end in one line through ``train.py test``."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamodules.icl_tasks import TaskLoadError, get_task, load_examples
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/probes/icl_gd_tiny.yaml"
+
+
+def test_task_mistakes_list_what_exists():
+    with pytest.raises(TaskLoadError, match="known: agnews, cb, mr"):
+        get_task("sst3")
+    with pytest.raises(TaskLoadError, match=r"missing fields \['label_words'\].*required: name, source"):
+        get_task({"name": "x", "source": "staicc:sst2"})
+    with pytest.raises(TaskLoadError, match=r"unknown fields \['labels'\].*optional: input_fields"):
+        get_task({"name": "x", "source": "staicc:sst2", "label_words": ["a", "b"], "labels": 1})
+    with pytest.raises(TaskLoadError, match="available: agnews, .*sst2"):
+        load_examples(get_task({"name": "x", "source": "staicc:sst3", "label_words": ["a", "b"]}))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--data.init_args.tasks=[sst3]", "unknown ICL task 'sst3'"),
+        ("--data.init_args.tasks=[{name: x, source: 'staicc:sst2'}]", "missing fields ['label_words']"),
+        ("--model.init_args.gd_mode=adam", "GD mode must be 'full_batch' or 'sgd'"),
+        ("--model.init_args.quantization=4bit", "cannot run GD on a 4bit quantized model"),
+    ],
+)
+def test_train_py_prints_one_line(override, expected):
+    run = subprocess.run(
+        [sys.executable, "train.py", "test", "--config", TINY, override],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"},
+    )
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,17 @@ class ExCP(Callback):
     def run_summary(self) -> list[str]:
         """Lines for the CLI's end-of-run summary (ratio achieved and where the checkpoints are)."""
         return [_summary_line(self.summary())] if self.history else ["ExCP: no checkpoint was written"]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before any save: temporary files a killed run left in the checkpoint folders are removed
+        # (ModelCheckpoint resolves its folder in its own setup, so this runs after every setup)
+        if self._io is None or not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder and os.path.isdir(folder):
+                self._io.clean_folder(folder)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

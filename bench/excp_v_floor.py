@@ -145,7 +145,7 @@ def main() -> None:
         for variant in ("zeros", "pruned_mean")
         for betas in ((0.9, 0.999), (0.9, 0.95))
     }
-    out = args.out if not args.quick else args.out.with_name("excp_v_floor_quick.json")
+    out = args.out
     atomic_write_json(
         out,
         {

@@ -239,7 +239,7 @@ def read_hyperparameters(path: str | os.PathLike) -> dict[str, Any]:
     else:
         ExCPFile.check_regular(path)
         try:
-            metadata = load_metadata(os.fspath(path), mmap=True)
+            metadata = load_metadata(os.fspath(path))
         except UnsafePickleError as error:
             raise ExCPFormatError(path, f"is neither an ExCP file nor a loadable checkpoint: {error}") from None
     if not isinstance(metadata, dict):

@@ -257,3 +257,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert cli_main(argv) == 1, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("excp: error: "), (argv, err)
+
+
+def test_excp_setup_removes_stale_temporaries_before_any_save(tiny_model_config, cpu_trainer_kwargs, tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.excp import ExCP
+    from datamodules.text import TextDataModule
+    from lightning_modules.causal_lm import CausalLMModule
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    stale = folder / ".last.ckpt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=1000, save_last=False)
+    kwargs = dict(cpu_trainer_kwargs, enable_checkpointing=True, logger=False, limit_val_batches=0, max_steps=1)
+    trainer = pl.Trainer(callbacks=[ExCP(print_summary=False), saver], **kwargs)
+    module = CausalLMModule(model=None, model_config=tiny_model_config, learning_rate=1e-2, warmup_steps=0)
+    trainer.fit(module, datamodule=TextDataModule(block_size=32, batch_size=4, max_tokens=20_000))
+    assert not stale.exists() and not list(folder.iterdir())  # cleaned, and no checkpoint was written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ class ExCP(Callback):
             ``alpha``/``beta``/``cap`` pruning, ``keyframe_interval``, quantizer, threads, ...);
             in YAML a nested mapping ``codec: {bits_w: 4, keyframe_interval: 10}``. None: defaults.
         log_stats: log ``excp/ratio``, ``excp/bits_per_param_{w,m,v}``, ``excp/sparsity_{w,m}``,
-            ``excp/encode_s`` and ``excp/keyframe`` to the Trainer's loggers after each save.
+            ``excp/encode_s`` and ``excp/keyframe`` to the Trainer's loggers after each save (not
+            after a same-step twin, which stores no tensors and already has its step's row).
         upload_artifacts: at the end of ``fit``, upload the compressed checkpoints (with the chain
             files they need) as one W&B artifact when a ``WandbLogger`` is attached.
         print_summary: print where the checkpoints are and the ratio achieved at the end of ``fit``.
@@ -128,7 +130,9 @@ class ExCP(Callback):
         trainer = self._trainer
         step = trainer.global_step if trainer is not None else 0
         self.history.append({"path": str(path), "step": step, **stats})
-        if self.log_stats and trainer is not None:
+        # a twin (last.ckpt right after the top-k file of the same step) stores no tensors: its "ratio"
+        # (raw W+m+v over a few KB) would spike the chart at a step that already has its row
+        if self.log_stats and trainer is not None and not stats.get("twin"):
             metrics = {f"excp/{k}": float(stats[k]) for k in _LOGGED}
             metrics["excp/file_mb"] = stats["file_bytes"] / 2**20
             for logger in trainer.loggers:
@@ -156,6 +160,17 @@ class ExCP(Callback):
     def run_summary(self) -> list[str]:
         """Lines for the CLI's end-of-run summary (ratio achieved and where the checkpoints are)."""
         return [_summary_line(self.summary())] if self.history else ["ExCP: no checkpoint was written"]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before any save: temporary files a killed run left in the checkpoint folders are removed
+        # (ModelCheckpoint resolves its folder in its own setup, so this runs after every setup)
+        if self._io is None or not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder and os.path.isdir(folder):
+                self._io.clean_folder(folder)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -57,6 +57,8 @@ class ExCPSettings:
             the "weight-only pruning" ablation).
         quantizer: ``"kmeans"`` (the method) or ``"uniform"`` (ablation).
         v_log_domain: cluster v in the log domain (v spans decades; linear k-means crushes small v).
+        v_floor: pruned v entries decode to the mean of the pruned entries (one float per tensor in
+            the header) instead of zero, which keeps Adam's step sizes after a resume.
         kmeans_sample: fit each codebook on at most this many values.
         kmeans_iters: maximum Lloyd iterations.
         zstd_level: zstd level of the quantized index streams.
@@ -78,6 +80,7 @@ class ExCPSettings:
     momentum_criterion: bool = True
     quantizer: str = "kmeans"
     v_log_domain: bool = True
+    v_floor: bool = True
     kmeans_sample: int = 65536
     kmeans_iters: int = 25
     zstd_level: int = 3
@@ -122,6 +125,7 @@ class ParamCode:
     numel: int
     kept_w: int
     kept_m: int
+    v_floor: float = 0.0  # the value pruned second-moment entries decode to
 
 
 _CB_HEAD = struct.Struct("<I")
@@ -256,12 +260,30 @@ def encode_param_delta(
         m_blob = _stream_blob(cb_m, idx_m.numpy(), s.zstd_level)
         kept_m = int(mkeep.sum())
         if v is not None:
-            vv = v[wmask][mkeep].float()
+            kept_v = torch.zeros(n, dtype=torch.bool)
+            kept_v[wmask] = mkeep
+            vv = v[kept_v].float()
             cb_v, codes_v = _quantize(vv, s.bits_v, s, generator, log_domain=s.v_log_domain)
             v_blob = _stream_blob(cb_v, codes_v, s.zstd_level)
+            v_floor = _pruned_mean(v, kept_v) if s.v_floor else 0.0
+            return ParamCode(w_blob, m_blob, v_blob, w_mode, recon, n, kept_w, kept_m, v_floor)
     elif v is not None:
         raise ValueError("a second moment without a first moment cannot be coded jointly")
     return ParamCode(w_blob, m_blob, v_blob, w_mode, recon, n, kept_w, kept_m)
+
+
+def _pruned_mean(v: torch.Tensor, kept: torch.Tensor) -> float:
+    """Mean of the second moment over the entries the masks prune (0.0 when none or not finite).
+
+    Pruned v entries decode to this per-tensor value instead of zero: with v = 0 the first Adam
+    steps after a resume divide a fresh (1 - beta1) * g by sqrt((1 - beta2) * g^2), up to ~3x the
+    step the run was taking (beta2 = 0.999); the mean keeps the step sizes close to the run's.
+    """
+    pruned = v[~kept]
+    if pruned.numel() == 0:
+        return 0.0
+    value = float(pruned.mean(dtype=torch.float64))
+    return value if math.isfinite(value) and value >= 0 else 0.0
 
 
 def decode_param(
@@ -277,6 +299,7 @@ def decode_param(
     m_dtype: torch.dtype | None,
     v_dtype: torch.dtype | None,
     weights_only: bool = False,
+    v_floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Inverse of the two encoders: returns ``(W, m, v)`` (moments None when absent or not asked).
 
@@ -285,6 +308,7 @@ def decode_param(
         w_mode: the entry's weight mode (``"delta"``, ``"absolute"`` or ``"lossless"``).
         ref: the reconstructed previous weights (required for ``w_mode == "delta"``).
         weights_only: skip the moments (chain replay only needs the weights of earlier files).
+        v_floor: the value of pruned second-moment entries (0.0 in files written before it existed).
     """
     n = math.prod(shape)
     if w_mode == "lossless":
@@ -318,5 +342,6 @@ def decode_param(
         mmask = m_codes != 0
         cb_v, idx_v = _read_stream(v_blob, int(mmask.sum()))
         v_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(mmask, torch.from_numpy(idx_v))
-        v = _with_zero(cb_v)[v_codes.int()].to(v_dtype).reshape(shape)
+        levels = torch.cat([torch.tensor([v_floor], dtype=torch.float32), cb_v.to(torch.float32)])
+        v = levels[v_codes.int()].to(v_dtype).reshape(shape)
     return w, m.to(m_dtype).reshape(shape), v

@@ -8,6 +8,7 @@ path (load, resume, inspect, decompress). The pickled metadata is loaded with
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -76,7 +77,15 @@ def _decode_entry(
         m_dtype=None if first is None else dtype_from_name(first["dtype"]),
         v_dtype=None if second is None else dtype_from_name(second["dtype"]),
         weights_only=skip_moments,
+        v_floor=_v_floor(file, second),
     )
+
+
+def _v_floor(file: ExCPFile, second: dict[str, Any] | None) -> float:
+    floor = 0.0 if second is None else second.get("floor", 0.0)
+    if type(floor) not in (int, float) or not math.isfinite(floor) or floor < 0:
+        raise ExCPFormatError(file.path, "a second-moment floor in the header is not a finite number >= 0")
+    return float(floor)
 
 
 def _decode_file(file: ExCPFile, reference: Weights | None, skip_moments: bool) -> tuple[Weights, Moments]:
@@ -230,7 +239,7 @@ def read_hyperparameters(path: str | os.PathLike) -> dict[str, Any]:
     else:
         ExCPFile.check_regular(path)
         try:
-            metadata = load_metadata(os.fspath(path), mmap=True)
+            metadata = load_metadata(os.fspath(path))
         except UnsafePickleError as error:
             raise ExCPFormatError(path, f"is neither an ExCP file nor a loadable checkpoint: {error}") from None
     if not isinstance(metadata, dict):

@@ -270,6 +270,8 @@ def _index_entry(
             index[key] = None
             continue
         index[key] = {"path": list(path), "dtype": dtype_name(tensor.dtype), "rec": len(records)}
+        if key == "v" and code.v_floor:
+            index[key]["floor"] = code.v_floor
         records.append((f"{key}:{entry.name}", blob))
         counts[f"numel_{key}"] += code.numel
         counts[f"bytes_{key}"] += len(blob)

@@ -183,6 +183,10 @@ def encode_indices(idx: np.ndarray, *, level: int = 3) -> bytes:
     return _IDX_HEAD.pack(mode, bits, n) + payload
 
 
+MAX_ZSTD_EXPANSION = 32_768
+"""zstd encodes at most a 128 KiB block in a 4-byte RLE block: no real frame expands further."""
+
+
 def bounded_decompress(frame: bytes | memoryview, limit: int) -> bytes:
     """Decompress one zstd frame whose output may not exceed ``limit`` bytes.
 
@@ -193,6 +197,8 @@ def bounded_decompress(frame: bytes | memoryview, limit: int) -> bytes:
     declared = zstandard.frame_content_size(frame)
     if declared > limit:
         raise ValueError(f"a compressed stream declares {declared} bytes where at most {limit} fit")
+    if declared > MAX_ZSTD_EXPANSION * len(frame) + (1 << 17):
+        raise ValueError(f"a {len(frame)}-byte compressed stream declares {declared} bytes, more than zstd can encode")
     if declared == 0 or limit == 0:
         return b""
     return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
@@ -313,6 +319,8 @@ def decode_lossless(blob: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> 
     for start, length in zip(starts, lengths, strict=True):  # every declared size checked before allocating
         if zstandard.frame_content_size(blob[start : start + length]) != numel:
             raise ValueError(f"lossless byte plane does not declare {numel} bytes")
+        if numel > MAX_ZSTD_EXPANSION * length + (1 << 17):
+            raise ValueError(f"a {length}-byte lossless byte plane cannot hold {numel} bytes")
     out = np.empty((width, numel), dtype=np.uint8)
     for i, length in enumerate(lengths):
         plane = bounded_decompress(blob[off : off + length], numel)

@@ -90,13 +90,11 @@ def load_metadata(source: bytes | str | os.PathLike, *, trust_pickles: bool = Fa
             return torch.load(stream, map_location="cpu", weights_only=True, **extra)
     except pickle.UnpicklingError as error:
         needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if needed:
-            detail = f"it needs {needed.group(1)}, which is not on the allow-list of checkpoint types"
-        else:
-            text = str(error).strip()
-            detail = text.splitlines()[0] if text else type(error).__name__
+        if not needed:  # not a refused type: the bytes are not a valid pickle at all
+            raise UnsafePickleError("its bytes are not a torch checkpoint (invalid or damaged pickle)") from None
+        detail = f"it needs {needed.group(1)}, which is not on the allow-list of checkpoint types"
         raise UnsafePickleError(
-            f"its metadata cannot be loaded safely ({detail[:200]}); loading it with weights_only=False would "
+            f"its metadata cannot be loaded safely ({detail}); loading it with weights_only=False would "
             "run whatever code the file holds: do that only for files you made yourself"
         ) from None
     except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:

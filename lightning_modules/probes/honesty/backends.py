@@ -30,6 +30,7 @@ from urllib3.util import Retry, Timeout
 
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
+from common.paths import cache_root
 from datamodules.honesty_prompts import render_prompt
 
 RETRY_STATUSES: tuple[int, ...] = (429, 500, 502, 503, 504)
@@ -321,11 +322,7 @@ class OpenAIChatBackend(Backend):
         self._api_key = api_key or os.environ.get(api_key_env)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.top_logprobs = top_logprobs
-        root = (
-            cache_dir
-            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lumenlm" / "honesty_http"
-        )
-        self.cache = ResponseCache(root)
+        self.cache = ResponseCache(cache_dir or cache_root() / "honesty_http")
         self.n_requests = 0  # requests that reached the network (cache misses)
         self._pool = urllib3.PoolManager()
 

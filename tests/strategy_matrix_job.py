@@ -147,7 +147,7 @@ def run_flextron(name: str, root: Path) -> dict[str, Any]:
     from common.run_outputs import gather_objects
     from lightning_modules.flextron.module import FlextronModule
 
-    module = FlextronModule(model=None, model_config=tiny_llama_config(), budgets=[0.7, 1.0], budget_metric="params",
+    module = FlextronModule(model=None, model_config=tiny_llama_config(), budgets=[0.8, 1.0], budget_metric="params",
                             mlp_ratios=[0.5, 1.0], attn_ratios=[0.5, 1.0], elastic_steps=2, router_steps=2,
                             calibration_batches=1, warmup_steps=1)
     t = trainer(name, root, max_steps=4, limit_val_batches=1, val_check_interval=4, enable_checkpointing=False)

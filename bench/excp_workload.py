@@ -23,6 +23,7 @@ from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from callbacks.excp.decoder import decode_sequence  # noqa: E402
 from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
 from common.atomic import atomic_write_bytes  # noqa: E402
+from common.hf_loading import tiny_llama_config  # noqa: E402
 from lightning_modules.schedules import warmup_cosine  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -90,16 +91,9 @@ def quick_workload() -> Workload:
 
     text = _shakespeare()[:1_500_000]
     ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    cfg = dict(
-        vocab_size=256,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    toy = tiny_llama_config(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                            max_position_embeddings=128)
+    cfg = {k: v for k, v in toy.items() if k != "model_type"}
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)

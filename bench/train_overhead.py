@@ -30,14 +30,12 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.atomic import atomic_write_json  # noqa: E402
+from common.hf_loading import tiny_llama_config  # noqa: E402
 from lightning_modules.causal_lm import CausalLMModule  # noqa: E402
 from lightning_modules.schedules import warmup_cosine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QUICK_CONFIG = {
-    "model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-}
+QUICK_CONFIG = tiny_llama_config(vocab_size=2048, hidden_size=128, intermediate_size=384)
 
 
 class _BatchDicts(torch.utils.data.Dataset):

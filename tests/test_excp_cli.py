@@ -17,18 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _hf_series(root: Path) -> list[Path]:
     """Checkpoint folders laid out like transformers.Trainer writes them (built offline, tiny)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from common.hf_loading import config_from_dict, tiny_llama_config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = config_from_dict(tiny_llama_config(vocab_size=64, hidden_size=32, intermediate_size=64))
     model = LlamaForCausalLM(cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

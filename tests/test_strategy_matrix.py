@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import pytest
 
+from common.hf_loading import TINY_LLAMA_CONFIG
 from tests.conftest import REPO_ROOT
 
 STRATEGIES = ("fsdp2", "fsdp", "deepspeed_stage2", "deepspeed_stage3")
@@ -110,8 +111,7 @@ def test_train_py_fsdp2_writes_excp_files_and_resumes_from_them(tmp_path: Path) 
     """The README command on 2 CPU processes: quickstart + fsdp2.yaml with a tiny model, then --ckpt_path."""
     from callbacks.excp import is_excp_file, load_checkpoint
 
-    tiny = ("{model_type: llama, vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-            "num_attention_heads: 4, num_key_value_heads: 2}")
+    tiny = json.dumps(TINY_LLAMA_CONFIG)
     base = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--config",
             "configs/trainer/fsdp2.yaml", "--config", "configs/trainer/csv_logger.yaml",
             f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--model.init_args.model=null",

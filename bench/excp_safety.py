@@ -50,7 +50,14 @@ from callbacks.excp import ExCPFormatError, load_checkpoint  # noqa: E402
 from callbacks.excp.cli import main as cli_main  # noqa: E402
 from callbacks.excp.fileformat import read_header  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
-from tests.excp_crafting import planted_skeleton, replace_record, rewrite, split_file, write_chain  # noqa: E402
+from tests.excp_crafting import (  # noqa: E402
+    checkpoints_equal,
+    planted_skeleton,
+    replace_record,
+    rewrite,
+    split_file,
+    write_chain,
+)
 from tests.excp_kill_driver import finish, run_trial  # noqa: E402
 
 HANG_SECONDS = 10
@@ -77,16 +84,6 @@ _FIELDS = [
     ("entries",),
     ("records",),
 ]
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
 
 
 @contextlib.contextmanager
@@ -236,7 +233,7 @@ def _read(campaign: Campaign, path: Path, repaired: bool, reader: Callable[[Path
         return "error", peak
     if "inspect" in got:
         return ("inspect_ok" if repaired else "silent_wrong"), peak
-    if _equal(got, campaign.expected):
+    if checkpoints_equal(got, campaign.expected):
         return "exact", peak
     return ("accepted_crafted" if repaired else "silent_wrong"), peak
 

@@ -113,3 +113,14 @@ def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10, size:
         encoder.commit(encoded, path)
         paths.append(path)
     return paths
+
+
+def checkpoints_equal(a: Any, b: Any) -> bool:
+    """Exact equality of two checkpoint structures: same nesting, same tensors (dtype, shape, values)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(checkpoints_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(checkpoints_equal, a, b))
+    return a == b

@@ -9,14 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.hf_loading import tiny_llama_config
-
-SHORT_SST2 = {
-    "name": "sst2",
-    "source": "staicc:sst2",
-    "label_words": ["negative", "positive"],
-    "template": "Review: {text}\nSentiment:",
-    "max_chars": 60,
-}
+from tests.test_icl_probe import SHORT_SST2
 
 
 def icl_probe() -> Any:

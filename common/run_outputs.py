@@ -27,19 +27,36 @@ def _wandb_logger(trainer: Any) -> Any:
 
 
 def run_directory(trainer: Any) -> Path:
-    """The folder that belongs to this run: the W&B run folder, the logger's version folder, or the root."""
+    """The folder that belongs to this run, under ``default_root_dir`` (or the logger's ``save_dir``).
+
+    Lightning's own rule for where a run's checkpoints go (``save_dir/name/version``, e.g.
+    ``runs/x/lumenlm/<wandb id>`` or ``runs/x/csv/version_0``), so a run's reports sit beside its
+    ``checkpoints/`` and a reader finds them where the config's ``default_root_dir`` says, not inside
+    W&B's bookkeeping folder (``wandb/run-*/files``); ``publish_file`` copies them to W&B as well.
+    Without a logger: ``default_root_dir`` itself.
+    """
+    logger = getattr(trainer, "logger", None)
+    if logger is None:
+        return Path(trainer.default_root_dir)
     wandb_logger = _wandb_logger(trainer)
     if wandb_logger is not None:
-        experiment = wandb_logger.experiment
-        directory = getattr(experiment, "dir", None)
-        if isinstance(directory, str) and directory:
-            return Path(directory)
-    logger = getattr(trainer, "logger", None)
-    for attribute in ("log_dir", "save_dir"):
-        value = getattr(logger, attribute, None) if logger is not None else None
-        if isinstance(value, str | os.PathLike) and value:
-            return Path(value)
-    return Path(trainer.default_root_dir)
+        _ = wandb_logger.experiment  # the run id (the folder's name) exists once the run has started
+    save_dir = getattr(logger, "save_dir", None) or trainer.default_root_dir
+    name = getattr(logger, "name", None)
+    version = getattr(logger, "version", None)
+    version = version if isinstance(version, str) else f"version_{version}" if version is not None else None
+    parts = [str(p) for p in (name, version) if p]
+    return Path(save_dir, *parts)
+
+
+def publish_file(trainer: Any, path: str | os.PathLike[str]) -> None:
+    """Upload a report file to the run's W&B files (rank zero; a no-op without a W&B logger)."""
+    if not trainer.is_global_zero:
+        return
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is not None:
+        path = Path(path)
+        wandb_logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
 
 
 def wandb_sync_folder(trainer: Any) -> Path | None:

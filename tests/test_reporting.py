@@ -46,3 +46,34 @@ def test_log_table_writes_csv_on_rank_zero_only(tmp_path: Path) -> None:
 
 def test_gather_objects_without_distributed_is_a_singleton() -> None:
     assert gather_objects(SimpleNamespace(world_size=1), {"x": 1}) == [{"x": 1}]
+
+
+def test_reports_land_under_default_root_dir_beside_checkpoints_and_reach_wandb(tmp_path: Path, monkeypatch) -> None:
+    """A W&B run's reports go to ``<root>/<project>/<run id>`` (where Lightning puts its checkpoints),
+    not W&B's own ``wandb/run-*/files`` folder, and are uploaded to the run's files as well."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from common.run_outputs import publish_file, run_directory
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb_logger = WandbLogger(project="proj", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(default_root_dir=str(tmp_path), logger=wandb_logger, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    out = run_directory(trainer)
+    assert out == tmp_path / "proj" / wandb_logger.experiment.id
+    assert "wandb" not in out.parts
+    report = out / "r.json"
+    atomic_write_json(report, {"x": 1})
+    publish_file(trainer, report)
+    uploaded = Path(wandb_logger.experiment.dir) / "r.json"
+    assert json.loads(uploaded.read_text()) == {"x": 1}
+    wandb_logger.experiment.finish()
+
+    csv_trainer = pl.Trainer(default_root_dir=str(tmp_path), logger=CSVLogger(str(tmp_path / "logs"), name="csv"),
+                             accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    assert run_directory(csv_trainer) == tmp_path / "logs" / "csv" / "version_0"
+    no_logger = pl.Trainer(default_root_dir=str(tmp_path / "bare"), logger=False, accelerator="cpu",
+                           enable_progress_bar=False, enable_model_summary=False)
+    assert run_directory(no_logger) == tmp_path / "bare"

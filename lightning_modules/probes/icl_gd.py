@@ -24,7 +24,7 @@ from typing_extensions import override
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
 from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
-from common.run_outputs import gather_objects, log_image, log_table, run_directory
+from common.run_outputs import gather_objects, log_image, log_table, publish_file, run_directory
 from datamodules.icl_tasks import WorkUnit
 from lightning_modules.probes import icl_paper_report, icl_report
 from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
@@ -256,6 +256,7 @@ class ICLvsGDProbe(L.LightningModule):
     def _write(self, results: dict) -> None:
         out = run_directory(self.trainer)
         atomic_write_json(out / RESULTS_FILE, json_safe(results))
+        publish_file(self.trainer, out / RESULTS_FILE)
         rows = []
         for u in results["units"]:
             if u["kind"] != "sweep":

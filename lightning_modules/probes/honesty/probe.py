@@ -29,7 +29,7 @@ from typing_extensions import override
 from common.atomic import atomic_write_json
 from common.errors import UserFacingError
 from common.hf_loading import MODEL_ALIASES, load_causal_lm, load_tokenizer, resolve_alias
-from common.run_outputs import gather_objects, log_image, log_table, run_directory
+from common.run_outputs import gather_objects, log_image, log_table, publish_file, run_directory
 from datamodules.honesty_prompts import build_messages, option_labels, parse_answer
 from datamodules.honesty_trials import Trial
 from lightning_modules.probes.honesty.backends import Backend, HFBackend, OpenAIChatBackend
@@ -87,7 +87,7 @@ class HonestyProbe(L.LightningModule):
         temperature: sampling temperature of free answers (0: greedy).
         fit_beta: fit the speaker rationality with lambda; otherwise hold it at ``beta``.
         beta: speaker rationality when not fitted.
-        n_boot: bootstrap resamples (over items) for the confidence intervals (percentile intervals,
+        n_boot: bootstrap resamples (over items) for the confidence intervals (BCa intervals,
             ``scipy.stats.bootstrap``; see ``honesty.bootstrap``).
         confidence: CI level.
         seed: seeds sampling (per trial, so results do not depend on how ranks split the items).
@@ -303,6 +303,7 @@ class HonestyProbe(L.LightningModule):
             "records": records,
         }
         atomic_write_json(out / "results.json", payload)
+        publish_file(self.trainer, out / "results.json")
         columns = [
             "group",
             "n_items",

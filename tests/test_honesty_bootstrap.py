@@ -27,5 +27,5 @@ def test_interval_method_and_default_resamples_are_recorded():
     utils = [t.utilities() for t in signaling_trials(60, seed=4, framings=("ambiguous",), n_options=6)]
     data = ChoiceData.from_items(utils, simulate_choices(utils, 0.6, 3.0, np.random.default_rng(5)))
     fit = bootstrap_fit(data, n_boot=200, seed=0).to_dict()
-    assert "percentile" in fit["ci_method"] and fit["n_boot"] == 200
+    assert "BCa" in fit["ci_method"] and fit["n_boot"] == 200
     assert fit["lambda_ci"][0] <= fit["lambda_hat"] <= fit["lambda_ci"][1]

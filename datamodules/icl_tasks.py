@@ -109,22 +109,31 @@ class GDSelectionData:
     """Held-out data on which GD's step size is chosen for one task (shared by all of its units).
 
     ``dev`` is class-balanced and disjoint from the test set; each N of the sweep has its own
-    demonstration set ``demos[N]`` drawn from the rest of the pool (disjoint from ``dev`` too), so the
-    step size is chosen on data the reported numbers never see.
+    demonstration sets ``demos[N]`` (several draws) from the rest of the pool (disjoint from ``dev``
+    too), so the step size is chosen on data the reported numbers never see. How far a few GD steps
+    move the model depends on which N examples it saw as much as on the step size; averaging over
+    draws keeps one lucky or unlucky demonstration set from deciding the step size of a whole task.
     """
 
     dev: list[Example]
-    demos: dict[int, list[Example]]
+    demos: dict[int, list[list[Example]]]
 
 
 def selection_data(
-    pool: Sequence[Example], n_dev: int, n_demos: Sequence[int], num_classes: int, seed: int
+    pool: Sequence[Example], n_dev: int, n_demos: Sequence[int], num_classes: int, seed: int, n_sets: int = 1
 ) -> GDSelectionData:
-    """The dev set and one demonstration set per N for GD step-size selection (seeded, balanced)."""
+    """The dev set and ``n_sets`` demonstration sets per N for GD step-size selection (seeded, balanced)."""
     dev = balanced_sample(pool, n_dev, num_classes, random.Random(f"dev-{seed}"))
     taken = {e.index for e in dev}
     rest = [e for e in pool if e.index not in taken]
-    demos = {n: balanced_sample(rest, n, num_classes, random.Random(f"select-{n}-{seed}")) for n in n_demos if n}
+    demos = {
+        n: [
+            balanced_sample(rest, n, num_classes, random.Random(f"select-{n}-{seed}" + (f"-{k}" if k else "")))
+            for k in range(n_sets)
+        ]
+        for n in n_demos
+        if n
+    }
     return GDSelectionData(dev, demos)
 
 
@@ -139,19 +148,23 @@ def build_work_units(
     model_variants: Sequence[str] = ("pretrained",),
     order_model_variants: Sequence[str] | None = None,
     n_dev: int = 0,
+    n_selection_sets: int = 1,
 ) -> list[WorkUnit]:
     """Every (task, N, seed, model variant) sweep unit plus one order unit per (task, variant).
 
     The test set depends only on the task and ``test_seed``, so all N and seeds are scored on the same
     examples; demonstrations come from the rest, so a test example is never a demonstration. With
-    ``n_dev > 0`` every unit also carries the task's GD step-size selection data (dev set + demos).
+    ``n_dev > 0`` every unit also carries the task's GD step-size selection data (dev set and
+    ``n_selection_sets`` demonstration sets per N).
     """
     units: list[WorkUnit] = []
     for spec in tasks:
         task = get_task(spec)
         examples = load_examples(task)
         test, pool = split_test_and_pool(examples, n_test, task.num_classes, test_seed)
-        selection = selection_data(pool, n_dev, n_demos, task.num_classes, test_seed) if n_dev else None
+        selection = (
+            selection_data(pool, n_dev, n_demos, task.num_classes, test_seed, n_selection_sets) if n_dev else None
+        )
         for variant in model_variants:
             for n in n_demos:
                 for seed in seeds:
@@ -222,6 +235,8 @@ class ICLTaskDataModule(L.LightningDataModule):
             order fine-tunes twice).
         n_dev: Class-balanced held-out examples per task (disjoint from the test set) on which the probe
             chooses GD's step size when it has a grid (``gd_lr_grid``); 0 ships no selection data.
+        n_selection_sets: Demonstration sets per N on which each candidate step size is tried (their
+            dev results are averaged: one draw's luck then decides less).
     """
 
     def __init__(
@@ -236,15 +251,17 @@ class ICLTaskDataModule(L.LightningDataModule):
         random_init_control: bool = True,
         order_on_random_init: bool = False,
         n_dev: int = 32,
+        n_selection_sets: int = 2,
     ) -> None:
         super().__init__()
         for spec in tasks:
             get_task(spec)  # a misspelt task fails here, in one line, before any model is loaded
-        if not n_demos or min(n_demos) < 0 or not seeds or n_test < 1 or n_dev < 0 or n_permutations < 0:
+        if not n_demos or min(n_demos) < 0 or not seeds or n_test < 1 or n_dev < 0 or n_permutations < 0 \
+                or n_selection_sets < 1:
             raise UserFacingError(
-                f"ICL data needs n_demos >= 0 (non-empty), seeds (non-empty), n_test >= 1, n_dev >= 0 and "
-                f"n_permutations >= 0; got n_demos={list(n_demos)}, seeds={list(seeds)}, n_test={n_test}, "
-                f"n_dev={n_dev}, n_permutations={n_permutations}"
+                f"ICL data needs n_demos >= 0 (non-empty), seeds (non-empty), n_test >= 1, n_dev >= 0, "
+                f"n_permutations >= 0 and n_selection_sets >= 1; got n_demos={list(n_demos)}, seeds={list(seeds)}, "
+                f"n_test={n_test}, n_dev={n_dev}, n_permutations={n_permutations}, n_selection_sets={n_selection_sets}"
             )
         self.save_hyperparameters()
         self.units: list[WorkUnit] = []
@@ -264,6 +281,7 @@ class ICLTaskDataModule(L.LightningDataModule):
             variants,
             variants if hp.order_on_random_init else ("pretrained",),
             hp.n_dev,
+            hp.n_selection_sets,
         )
 
     @override

@@ -198,13 +198,14 @@ class ICLvsGDProbe(L.LightningModule):
             chosen = record["selected"]
             grid = "; ".join(
                 f"lr {c['lr']:g} x{c['epochs']}: dev acc {c['mean_dev_accuracy']:.2f}, "
-                f"changed {c['mean_dev_changed']:.2f}"
-                f"{', collapsed' if any(c['dev_collapsed'].values()) else ''}"
+                f"changed >= {c['min_dev_changed']:.2f}"
+                f"{', collapsed' if any(c['dev_collapsed'][str(n)] for n in c['counted_n']) else ''}"
                 for c in record["grid"]
             )
             rank_zero_info(
                 f"[icl_gd] {task.name}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) chosen on "
-                f"{record['n_dev']} dev examples{' (fallback)' if record['fallback'] else ''} [{grid}]"
+                f"{record['n_dev']} dev examples x {record['n_selection_sets']} demo set(s) per N"
+                f"{' (fallback)' if record['fallback'] else ''} [{grid}]"
             )
         record = self._selections[key]
         return record["config"], {k: v for k, v in record.items() if k != "config"}

@@ -6,13 +6,17 @@ the task, and the right value differs between models and tasks by orders of magn
 (model variant, task) the probe tries a small grid of learning rates x epochs and picks one on a dev
 set that is disjoint from the test set (``datamodules.icl_tasks.GDSelectionData``):
 
-1. For every candidate and every N of the sweep, fine-tune on that N's selection demonstrations and
-   predict the dev set. A candidate *moves* the model when, averaged over N >= ``MIN_MOVE_N``, it
-   changes at least ``MIN_CHANGED`` (20%) of the zero-shot dev predictions, and *collapses* when at
-   some N all dev predictions are one label.
-2. Among candidates that move and never collapse, pick the highest mean dev accuracy over N (ties:
-   the smaller learning rate, then fewer epochs). If none qualifies, pick the highest mean dev
-   accuracy among all candidates and mark the choice ``fallback`` (the report flags it).
+1. For every candidate and every N of the sweep, fine-tune on each of that N's selection
+   demonstration sets (``n_selection_sets`` draws) and predict the dev set; accuracy and the share of
+   zero-shot dev predictions changed are averaged over the draws. Only N >= ``MIN_MOVE_N`` count (with
+   one or two demonstrations GD may rightly move little, or rightly copy the one label it saw); when
+   the sweep has no such N, every N counts.
+2. A candidate *moves* the model when, at every counted N, it changes at least ``MIN_CHANGED`` (20%)
+   of the zero-shot dev predictions, and *collapses* when for some counted N and draw all dev
+   predictions are one label.
+3. Among candidates that move and never collapse, pick the highest dev accuracy averaged over the
+   counted N (ties: the smaller learning rate, then fewer epochs). If none qualifies, pick the
+   highest such accuracy among all candidates and mark the choice ``fallback`` (the report flags it).
 
 The random-init control model uses the step size chosen for the pretrained model on the same task, so
 the control differs from the measurement in its weights only (and its chance-level dev accuracy would
@@ -34,12 +38,13 @@ MIN_CHANGED = 0.20
 that leaves (nearly) all of them as they were makes ICL-vs-GD a comparison of ICL with zero-shot."""
 
 MIN_MOVE_N = 4
-"""Smallest N whose dev predictions count towards "moves": with 1-2 demos GD may rightly move little."""
+"""Smallest N whose dev results the rule counts: with 1-2 demos GD may rightly move little, or rightly
+predict the one label it was shown."""
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One grid point's dev results."""
+    """One grid point's dev results per N (accuracy and changed share averaged over the draws)."""
 
     lr: float
     epochs: int
@@ -47,18 +52,21 @@ class Candidate:
     dev_changed: dict[int, float]
     dev_collapsed: dict[int, bool]
 
-    @property
-    def mean_accuracy(self) -> float:
-        return sum(self.dev_accuracy.values()) / len(self.dev_accuracy)
+    def _counted(self) -> list[int]:
+        return [n for n in self.dev_accuracy if n >= MIN_MOVE_N] or list(self.dev_accuracy)
 
     @property
-    def mean_changed(self) -> float:
-        big = [v for n, v in self.dev_changed.items() if n >= MIN_MOVE_N] or list(self.dev_changed.values())
-        return sum(big) / len(big)
+    def mean_accuracy(self) -> float:
+        counted = self._counted()
+        return sum(self.dev_accuracy[n] for n in counted) / len(counted)
+
+    @property
+    def min_changed(self) -> float:
+        return min(self.dev_changed[n] for n in self._counted())
 
     @property
     def collapsed(self) -> bool:
-        return any(self.dev_collapsed.values())
+        return any(self.dev_collapsed[n] for n in self._counted())
 
     def as_dict(self) -> dict:
         return {
@@ -67,8 +75,9 @@ class Candidate:
             "dev_accuracy": {str(n): v for n, v in self.dev_accuracy.items()},
             "dev_changed_vs_zero_shot": {str(n): v for n, v in self.dev_changed.items()},
             "dev_collapsed": {str(n): v for n, v in self.dev_collapsed.items()},
+            "counted_n": self._counted(),
             "mean_dev_accuracy": self.mean_accuracy,
-            "mean_dev_changed": self.mean_changed,
+            "min_dev_changed": self.min_changed,
         }
 
 
@@ -76,7 +85,7 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, bool]:
     """The rule in the module docstring: ``(chosen, fallback)``."""
     if not candidates:
         raise ValueError("GD step-size selection needs at least one candidate")
-    qualified = [c for c in candidates if c.mean_changed >= MIN_CHANGED and not c.collapsed]
+    qualified = [c for c in candidates if c.min_changed >= MIN_CHANGED and not c.collapsed]
     pool = qualified or list(candidates)
     best = max(pool, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs))
     return best, not qualified
@@ -108,25 +117,28 @@ def select_gd(
     if not data.demos:
         raise ValueError("GD step-size selection needs at least one N > 0 in the sweep")
     labels = torch.tensor([e.label for e in data.dev])
+    n_sets = max(len(draws) for draws in data.demos.values())
     zs = predict_zero_shot(data.dev)
     candidates = []
     for lr in lr_grid:
         for epochs in epochs_grid:
             cfg = replace(base, lr=float(lr), epochs=int(epochs), preset=None)
             acc, changed, coll = {}, {}, {}
-            for n, demos in sorted(data.demos.items()):
-                preds = predict_after_gd(cfg, demos, data.dev)
-                acc[n] = float((preds == labels).double().mean())
-                changed[n] = float((preds != zs).double().mean())
-                coll[n] = collapsed(preds)
+            for n, draws in sorted(data.demos.items()):
+                runs = [predict_after_gd(cfg, demos, data.dev) for demos in draws]
+                acc[n] = sum(float((p == labels).double().mean()) for p in runs) / len(runs)
+                changed[n] = sum(float((p != zs).double().mean()) for p in runs) / len(runs)
+                coll[n] = any(collapsed(p) for p in runs)
             candidates.append(Candidate(float(lr), int(epochs), acc, changed, coll))
     best, fallback = choose(candidates)
     return {
         "rule": (
-            f"max mean dev accuracy among candidates changing >= {MIN_CHANGED:.0%} of zero-shot dev "
-            f"predictions (N >= {MIN_MOVE_N}) without collapsing to one label"
+            f"max mean dev accuracy (N >= {MIN_MOVE_N}) among candidates changing >= {MIN_CHANGED:.0%} of "
+            f"zero-shot dev predictions at every N >= {MIN_MOVE_N} without collapsing to one label, "
+            f"averaged over {n_sets} demonstration set(s) per N"
         ),
         "n_dev": len(data.dev),
+        "n_selection_sets": n_sets,
         "dev_indices": [e.index for e in data.dev],
         "dev_accuracy_zero_shot": float((zs == labels).double().mean()),
         "grid": [c.as_dict() for c in candidates],

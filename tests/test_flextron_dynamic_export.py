@@ -131,9 +131,13 @@ def test_generate_gives_every_prompt_its_own_widths(exported):
     together = model.generate(ids, max_new_tokens=4, do_sample=False, budget=0.8)
     routed = route_and_run(module, ids, 0.8)
     assert model.last_routing == _widths(routed.subnets) and routed.groups > 1
-    for row in range(len(ids)):
+    for row, subnet in enumerate(routed.subnets):
         alone = model.generate(ids[row : row + 1], max_new_tokens=4, do_sample=False, budget=0.8)
         assert torch.equal(together[row, : alone.shape[1]], alone[0])
+        # the cached, sliced decode of the export equals the module's uncached forward at those widths
+        with torch.no_grad(), module.elastic.subnet(subnet):
+            reference = module.model.generate(ids[row : row + 1], max_new_tokens=4, do_sample=False, use_cache=False)
+        assert torch.equal(alone, reference)
 
 
 def test_budgets_outside_the_trained_range_are_refused(exported):

@@ -5,6 +5,8 @@ over the full network (differentiable, no time saved). At inference this module 
 concrete sub-network per sequence under the budget (the same constrained decode as the static
 router, so every sequence's cost is within the budget and so is their average), groups the batch by
 choice, and runs each group through the hard-sliced network: narrower sequences really cost less.
+``export_dynamic.py`` ships the same routing as one Hugging Face folder and checks it against
+:func:`route_and_run`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,18 +123,34 @@ def export_subnetwork(elm: ElasticLM, cfg: SubnetConfig, out_dir: str | Path, pr
         The report also written to ``flextron_export.json``: config, parameter count, class, the largest
         absolute logit difference between the reloaded export and the masked elastic forward.
     """
+    check_export_target(out_dir)
+    sub = build_subnetwork(elm, cfg)
+    with staged_export(out_dir) as staging:
+        return _write_verified(elm, cfg, sub, staging, probe_ids, extra)
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    """Refuse a file, or a folder holding something other than an earlier Flextron export (never overwritten)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserFacingError(f"cannot write the export to {out}: it is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not (out / "flextron_export.json").exists():
         raise UserFacingError(f"{out} exists and is not a Flextron export: choose an empty or new folder")
-    sub = build_subnetwork(elm, cfg)
+
+
+@contextmanager
+def staged_export(out_dir: str | Path) -> Iterator[Path]:
+    """A staging folder beside ``out_dir``, swapped in whole when the body succeeds (see ``atomic_directory``).
+
+    An earlier export stays intact until the new one is written and verified; a disk error (read-only,
+    full) becomes one :class:`UserFacingError` line.
+    """
+    check_export_target(out_dir)
     try:
-        # staged beside ``out`` and swapped in whole: an earlier export stays intact until this one is verified
-        with atomic_directory(out) as staging:
-            return _write_verified(elm, cfg, sub, staging, probe_ids, extra)
-    except OSError as error:  # a read-only or full disk, a file where the folder should be
-        raise UserFacingError(f"cannot write the export to {out}: {error}") from error
+        with atomic_directory(out_dir) as staging:
+            yield staging
+    except OSError as error:
+        raise UserFacingError(f"cannot write the export to {out_dir}: {error}") from error
 
 
 def _write_verified(elm: ElasticLM, cfg: SubnetConfig, sub: PreTrainedModel, folder: Path,
@@ -202,4 +220,5 @@ def uniform_subnet(elm: ElasticLM, space: WidthSpace, index: int) -> SubnetConfi
     return SubnetConfig([mlp] * L, [attn] * L)
 
 
-__all__ = ["build_subnetwork", "export_config", "export_subnetwork", "subnet_masks", "uniform_subnet"]
+__all__ = ["build_subnetwork", "check_export_target", "export_config", "export_subnetwork", "staged_export",
+           "subnet_masks", "uniform_subnet"]

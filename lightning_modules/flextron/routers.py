@@ -20,51 +20,23 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from common.errors import UserFacingError
 
+from . import hf_dynamic
+
 
 def budget_encoding(budgets: Tensor, budget: float | Tensor) -> Tensor:
-    """One-hot over sorted ``budgets``, linearly interpolated between neighbours.
-
-    Args:
-        budgets: ``[N]`` ascending trained budgets.
-        budget: scalar or ``[B]`` requested budgets within ``[budgets[0], budgets[-1]]``.
-
-    Returns:
-        ``[N]`` or ``[B, N]`` encodings summing to 1.
-    """
-    b = torch.as_tensor(budget, dtype=budgets.dtype, device=budgets.device)
-    lo, hi = float(budgets[0]), float(budgets[-1])
-    if bool(((b < lo - 1e-6) | (b > hi + 1e-6)).any()):
-        raise UserFacingError(
-            f"budget {float(b.reshape(-1)[0]):g} outside the trained range [{lo:g}, {hi:g}]; train that budget or "
-            "pick one inside")
-    flat = b.reshape(-1).clamp(lo, hi)
-    idx = torch.searchsorted(budgets, flat, right=True).clamp(1, len(budgets) - 1)
-    left, right = budgets[idx - 1], budgets[idx]
-    w = ((flat - left) / (right - left).clamp_min(1e-12)).clamp(0, 1)
-    enc = torch.zeros(flat.shape[0], len(budgets), dtype=budgets.dtype, device=budgets.device)
-    enc.scatter_(1, (idx - 1)[:, None], (1 - w)[:, None])
-    enc.scatter_add_(1, idx[:, None], w[:, None])
-    return enc.reshape(*b.shape, len(budgets))
+    """:func:`.hf_dynamic.budget_encoding`, a budget outside the trained range being a :class:`UserFacingError`."""
+    _check_range(budgets, budget)
+    return hf_dynamic.budget_encoding(budgets, budget)
 
 
-class _Head(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, num_layers: int, k_mlp: int, k_attn: int) -> None:
-        super().__init__()
-        self.shape = (num_layers, k_mlp, k_attn)
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden, bias=False), nn.LeakyReLU(0.1), nn.Linear(hidden, num_layers * (k_mlp + k_attn))
-        )
-        # start neutral: every width equally likely, so early training sees all of them
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        L, km, ka = self.shape
-        out = self.net(x).reshape(*x.shape[:-1], L, km + ka)
-        return out[..., :km], out[..., km:]
+def _check_range(budgets: Tensor, budget: float | Tensor) -> None:
+    error = hf_dynamic.budget_range_error(budgets, budget)
+    if error:
+        raise UserFacingError(error)
 
 
 class StaticRouter(nn.Module):
@@ -80,48 +52,25 @@ class StaticRouter(nn.Module):
     def __init__(self, budgets: Sequence[float], num_layers: int, k_mlp: int, k_attn: int, hidden: int = 128) -> None:
         super().__init__()
         self.register_buffer("budgets", torch.tensor(sorted(budgets), dtype=torch.float32))
-        self.head = _Head(len(budgets), hidden, num_layers, k_mlp, k_attn)
+        self.head = hf_dynamic.WidthHead(len(budgets), hidden, num_layers, k_mlp, k_attn)
 
     def forward(self, budget: float | Tensor) -> tuple[Tensor, Tensor]:
         """Logits ``([..., L, K_mlp], [..., L, K_attn])`` for ``budget`` (scalar or ``[B]``)."""
         return self.head(budget_encoding(self.budgets, budget))
 
 
-class DynamicRouter(nn.Module):
-    """Input-adaptive router: reads hidden states and the budget, per sequence or per token.
+class DynamicRouter(hf_dynamic.DynamicRouter):
+    """Input-adaptive router (see :class:`.hf_dynamic.DynamicRouter`, whose code dynamic exports ship).
 
-    Args:
-        hidden_size: width of the hidden states it reads (the token embeddings).
-        budgets, num_layers, k_mlp, k_attn, hidden: as for :class:`StaticRouter`.
-        per_token: route every token separately (outputs ``[B, T, L, K]``) instead of one choice per
-            sequence (``[B, 1, L, K]``). Per-token widths cannot be sliced in a batch, so they run as
-            masks: they save no wall-clock, which the benchmark reports.
+    Per-token widths (``per_token=True``) cannot be sliced in a batch, so they run as masks: they save
+    no wall-clock, which the benchmark reports, and they do not export.
     """
 
-    def __init__(self, hidden_size: int, budgets: Sequence[float], num_layers: int, k_mlp: int, k_attn: int,
-                 hidden: int = 128, per_token: bool = False) -> None:
-        super().__init__()
-        self.register_buffer("budgets", torch.tensor(sorted(budgets), dtype=torch.float32))
-        self.per_token = per_token
-        self.norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden)
-        self.head = _Head(hidden + len(budgets), hidden, num_layers, k_mlp, k_attn)
-
+    @override
     def forward(self, hidden_states: Tensor, budget: float | Tensor, attention_mask: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
-        h = self.norm(hidden_states.float())
-        if not self.per_token:
-            if attention_mask is None:
-                h = h.mean(1, keepdim=True)
-            else:
-                m = attention_mask[..., None].to(h)
-                h = (h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
-        z = self.proj(h)
-        enc = budget_encoding(self.budgets, budget)
-        if enc.dim() == 1:
-            enc = enc.expand(z.shape[0], -1)
-        enc = enc[:, None, :].expand(-1, z.shape[1], -1)
-        return self.head(torch.cat([z, enc], dim=-1))
+        _check_range(self.budgets, budget)
+        return super().forward(hidden_states, budget, attention_mask)
 
 
 def sample_choices(logits: Tensor, tau: float, training: bool) -> Tensor:

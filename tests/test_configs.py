@@ -120,3 +120,32 @@ def test_missing_model_file_is_one_line(tmp_path: Path) -> None:
     expected = f"error: GGUF file '{tmp_path}/missing.gguf' does not exist: check the path"
     assert lines == [expected], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_bf16_mixed_config_trains_in_bf16_keeps_fp32_state_and_resumes_from_excp(tmp_path: Path) -> None:
+    """configs/trainer/bf16_mixed.yaml on CPU: autocast computes in bf16, weights and Adam moments stay
+    fp32 (what ExCP compresses), and the run resumes from its ExCP last.ckpt."""
+    from lightning.pytorch.callbacks import Callback
+
+    from callbacks.excp import is_excp_file
+
+    seen: dict[str, torch.dtype] = {}
+
+    class LogitsDtype(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            with trainer.precision_plugin.forward_context():
+                seen["compute"] = pl_module.model(input_ids=batch["input_ids"][:, :8]).logits.dtype
+
+    shrunk = shrunk_config_file("configs/quickstart.yaml", "configs/trainer/bf16_mixed.yaml", root=tmp_path)
+    cli = parse_config(shrunk, overrides=["--trainer.max_steps=4"])
+    assert cli.trainer.precision == "bf16-mixed"
+    cli.trainer.callbacks.append(LogitsDtype())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert seen["compute"] == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters())
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert is_excp_file(last)
+    resumed = parse_config(shrunk, overrides=["--trainer.max_steps=6"])
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(last))
+    assert resumed.trainer.global_step == 6
+    assert all(torch.isfinite(v).all() for v in resumed.trainer.callback_metrics.values())

@@ -29,3 +29,14 @@ def test_interval_method_and_default_resamples_are_recorded():
     fit = bootstrap_fit(data, n_boot=200, seed=0).to_dict()
     assert "BCa" in fit["ci_method"] and fit["n_boot"] == 200
     assert fit["lambda_ci"][0] <= fit["lambda_hat"] <= fit["lambda_ci"][1]
+
+
+def test_an_estimate_on_its_bound_still_gets_a_finite_interval():
+    """Always the most truthful cheap option: lambda_hat = 0 on every jackknife sample, where BCa is undefined."""
+    utils = [t.utilities() for t in signaling_trials(40, seed=4, framings=("ambiguous",), n_options=6)]
+    choices = [np.eye(len(u.truth))[int(np.argmax(u.truth - u.cost - 1e-3 * u.relevance))] for u in utils]
+    fit = bootstrap_fit(ChoiceData.from_items(utils, choices), n_boot=200, seed=0).to_dict()
+    assert fit["lambda_hat"] == 0.0
+    assert all(np.isfinite(fit["lambda_ci"])) and all(np.isfinite(fit["beta_ci"]))
+    assert fit["lambda_ci"][0] <= fit["lambda_hat"] <= fit["lambda_ci"][1]
+    assert "percentile for lambda" in fit["ci_method"]

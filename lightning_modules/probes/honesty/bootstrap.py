@@ -12,6 +12,8 @@ the answer is the same maximum either way (a test checks they agree).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import stats
 from scipy.special import log_softmax
@@ -141,17 +143,29 @@ def bootstrap_fit(
         out = refit_resamples(data, flat.reshape(-1, flat.shape[-1]), start, fit_beta, beta)
         return out.reshape((2, *flat.shape[:-1]))
 
-    boot = stats.bootstrap(
-        (np.arange(len(data)),),
-        statistic,
-        n_resamples=n_boot,
-        batch=batch,
-        confidence_level=confidence,
-        method=method,
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    low, high = boot.confidence_interval
+    with warnings.catch_warnings():  # a degenerate BCa component is handled below, not warned about
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        boot = stats.bootstrap(
+            (np.arange(len(data)),),
+            statistic,
+            n_resamples=n_boot,
+            batch=batch,
+            confidence_level=confidence,
+            method=method,
+            vectorized=True,
+            rng=np.random.default_rng(seed),
+        )
+    low, high = np.array(boot.confidence_interval.low, float), np.array(boot.confidence_interval.high, float)
+    degenerate = ~(np.isfinite(low) & np.isfinite(high))
+    if degenerate.any():
+        # BCa's acceleration is undefined when every jackknife estimate is equal (an estimate on its
+        # bound, e.g. lambda = 0): that parameter gets the percentile interval of the same resamples
+        tail = (1 - confidence) / 2 * 100
+        percentile = np.percentile(boot.bootstrap_distribution, [tail, 100 - tail], axis=-1)
+        low, high = np.where(degenerate, percentile[0], low), np.where(degenerate, percentile[1], high)
+        names = [name for name, bad in zip(("lambda", "beta"), degenerate, strict=True) if bad]
+        result.extra["ci_method"] += f"; percentile for {', '.join(names)} (BCa undefined: degenerate jackknife)"
     result.lambda_ci = (float(low[0]), float(high[0]))
     result.beta_ci = (float(low[1]), float(high[1]))
     return result

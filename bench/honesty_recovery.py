@@ -140,11 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     started = provenance(seeds={"trials": "10000 + run", "choices": "[run, 100 * lambda, 7]"})  # the code that runs
     if args.quick:
+        covered = coverage(250, [0.33, 0.71], seeds=5, n_boot=200)
         result = run([250, 1000], [0.33, 0.71], seeds=4)
-        result["coverage"] = coverage(250, [0.33, 0.71], seeds=5, n_boot=200)
     else:
+        covered = coverage(250, [0.12, 0.33, 0.57, 0.71, 0.88], seeds=40, n_boot=DEFAULT_N_BOOT)
         result = run([250, 500, 1000, 2000], [0.12, 0.33, 0.57, 0.71, 0.88], seeds=10)
-        result["coverage"] = coverage(250, [0.12, 0.33, 0.57, 0.71, 0.88], seeds=40, n_boot=DEFAULT_N_BOOT)
+    result["coverage"] = covered
     result["ci95_coverage"] = result["coverage"]["ci95_coverage"]
     result["quick"] = args.quick
     result["provenance"] = started

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.blockwise8bit import restore_8bit_states
 from callbacks.excp.codec import decode_param
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
@@ -174,6 +175,7 @@ def _assemble(file: ExCPFile, weights: Weights, moments: Moments, trust_pickles:
             set_at(
                 ckpt, extra["path"], decode_lossless(file.record(extra["rec"]), dtype_from_name(extra["dtype"]), shape)
             )
+        restore_8bit_states(ckpt)
     except ExCPFormatError:
         raise
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, zstandard.ZstdError) as error:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.blockwise8bit import expand_8bit_states
 from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe
 from callbacks.excp.fileformat import build_file
 from callbacks.excp.quantize import dtype_name, encode_lossless
@@ -110,8 +111,9 @@ class ExCPEncoder:
         with intra_op_threads():
             started = time.perf_counter()
             target = Path(target)
-            split = split_checkpoint(ckpt, param_names, optimizer_param_names)
-            fingerprint = same_state_fingerprint(ckpt, split)
+            expanded = expand_8bit_states(ckpt)
+            split = split_checkpoint(expanded, param_names, optimizer_param_names)
+            fingerprint = same_state_fingerprint(expanded, split)
             if self._is_twin_of_last_save(fingerprint, target):
                 coded = self._twin_of_last_save()
             else:

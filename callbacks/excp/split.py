@@ -4,8 +4,9 @@ A checkpoint is any nested dict. Two places get lossy coding, everything else is
 
 * ``ckpt["state_dict"]``: floating-point parameters (W), delta-coded against the reconstructed
   previous checkpoint;
-* ``ckpt["optimizer_states"][i]["state"][idx]``: Adam/AdamW ``exp_avg``/``exp_avg_sq`` (m, v) or SGD
-  ``momentum_buffer`` (m), matched to parameter *names* through the order of ``param_groups``.
+* ``ckpt["optimizer_states"][i]["state"][idx]``: Adam/AdamW ``exp_avg``/``exp_avg_sq`` (m, v), SGD
+  ``momentum_buffer`` (m) or bitsandbytes 8-bit optimizers' ``state1``/``state2`` (m, v), matched to
+  parameter *names* through the order of ``param_groups``.
 
 Large tensors anywhere else (buffers, other optimizers' state, AMSGrad's ``max_exp_avg_sq``) become
 lossless "extras"; the rest of the structure (the "skeleton": step counts, param_groups, schedulers,
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from callbacks.excp.blockwise8bit import QUANT_STATE_KEY
 from callbacks.excp.quantize import dtype_name
 
 __all__ = [
@@ -68,23 +70,34 @@ class CheckpointSplit:
     skeleton: Any
 
 
-def _moment_keys(state: dict[str, Any], shape: torch.Size) -> tuple[str | None, str | None]:
-    """Which keys of one parameter's optimizer state are coded as (m, v); others stay lossless."""
+def _moment_keys(state: dict[str, Any], shape: torch.Size) -> tuple[KeyPath | None, KeyPath | None]:
+    """Where in one parameter's optimizer state the (m, v) coded sit; other entries stay lossless.
 
-    def codable(key: str) -> bool:
-        tensor = state.get(key)
+    bitsandbytes' 8-bit optimizers keep them as ``state1``/``state2`` in a nested quant-state dict
+    (fp32 for small parameters; blockwise 8-bit ones arrive here already expanded to fp32 by
+    ``blockwise8bit.expand_8bit_states``).
+    """
+
+    def codable(holder: Any, key: str) -> bool:
+        tensor = holder.get(key) if isinstance(holder, dict) else None
         return isinstance(tensor, torch.Tensor) and tensor.dtype in FLOAT_DTYPES and tensor.shape == shape
 
-    if codable("exp_avg") and codable("exp_avg_sq"):
-        return "exp_avg", "exp_avg_sq"
-    if codable("momentum_buffer"):
-        return "momentum_buffer", None
+    if codable(state, "exp_avg") and codable(state, "exp_avg_sq"):
+        return ("exp_avg",), ("exp_avg_sq",)
+    if codable(state, "momentum_buffer"):
+        return ("momentum_buffer",), None
+    quant = state.get(QUANT_STATE_KEY)
+    if codable(quant, "state1") and codable(quant, "state2"):
+        return (QUANT_STATE_KEY, "state1"), (QUANT_STATE_KEY, "state2")
+    if codable(quant, "state1"):
+        return (QUANT_STATE_KEY, "state1"), None
     return None, None
 
 
 def _state_shape(state: dict[str, Any]) -> torch.Size | None:
-    for key in ("exp_avg", "momentum_buffer"):
-        tensor = state.get(key)
+    quant = state.get(QUANT_STATE_KEY)
+    for holder, key in ((state, "exp_avg"), (state, "momentum_buffer"), (quant, "state1")):
+        tensor = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(tensor, torch.Tensor):
             return tensor.shape
     return None
@@ -199,7 +212,7 @@ def _moment_paths(
             first_key, second_key = _moment_keys(slot_state, state_dict[name].shape)
             if first_key is not None:
                 base: KeyPath = ("optimizer_states", i, "state", slot)
-                paths[name] = (base + (first_key,), None if second_key is None else base + (second_key,))
+                paths[name] = (base + first_key, None if second_key is None else base + second_key)
     return paths
 
 

@@ -125,9 +125,11 @@ def seeded(seed: int, model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def _target_modules(model: torch.nn.Module, settings: LoraSettings, params: str, kv_pattern: str):
+def _target_modules(model: torch.nn.Module, settings: LoraSettings, params: str, kv_pattern: str | None):
     if params == "all":
         return list(settings.target_modules) if isinstance(settings.target_modules, tuple) else settings.target_modules
+    if kv_pattern is None:
+        raise ValueError("params='kv' needs the K/V parameter-name pattern (icl_finetune.KV_PATTERN)")
     names = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
              and re.search(kv_pattern, f"{n}.weight")]
     if not names:
@@ -138,12 +140,14 @@ def _target_modules(model: torch.nn.Module, settings: LoraSettings, params: str,
 
 
 def adapter_copy(
-    model: torch.nn.Module, settings: LoraSettings, params: str = "all", kv_pattern: str = ""
+    model: torch.nn.Module, settings: LoraSettings, params: str = "all", kv_pattern: str | None = None
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """A copy of ``model`` sharing all its weights, with fresh LoRA adapters: ``(copy, adapter parameters)``.
 
     Must be called with autograd available (outside ``inference_mode``). The copy is in eval mode except
     for the adapters' dropout when ``settings.dropout > 0``; only the adapter parameters require grad.
+    ``params="kv"`` puts the adapters on the modules whose weight name matches ``kv_pattern`` instead of
+    ``settings.target_modules``.
     """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype

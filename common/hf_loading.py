@@ -255,9 +255,14 @@ def load_causal_lm(
         quant = _quantization_config(quantization, torch_dtype)
         if quant is None:
             return built
-        # bitsandbytes quantizes while loading weights: round-trip the random weights through a folder
+        # bitsandbytes quantizes while loading weights: round-trip the random weights through a folder.
+        # Not save_pretrained: under torch.distributed it writes on rank 0 only, leaving other ranks'
+        # folders empty; every rank here writes and reads its own copy.
+        from safetensors.torch import save_model
+
         with tempfile.TemporaryDirectory(prefix="lumenlm-quantize-") as folder:
-            built.save_pretrained(folder)
+            built.config.save_pretrained(folder)
+            save_model(built, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=quant)
     if model_config is not None:
         raise ModelLoadError("give `model` or `model_config`, not both")

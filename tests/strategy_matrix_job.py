@@ -2,6 +2,9 @@
 
     python tests/strategy_matrix_job.py fsdp2,fsdp,deepspeed_stage2 <out_dir> [causal_lm,flextron,...]
 
+(``icl_qlora_probe``, the ICL probe with QLoRA GD, is not a default component: it is slow on CPU and has its
+own slow test, ``tests/test_icl_lora_strategies.py``.)
+
 Lightning relaunches this script for rank 1 (the first Trainer's subprocess launcher), so everything here
 runs on both ranks, and later Trainers join the same 2 processes and process group: one launch serves
 every strategy, which saves a process start-up (~20 s on 2 cores) per strategy. Each strategy comes from
@@ -163,6 +166,15 @@ def run_icl_probe(name: str, root: Path) -> dict[str, Any]:
 
     t = trainer(name, root, enable_checkpointing=False)
     probe = icl_probe()
+    t.test(probe, datamodule=icl_data())
+    return {"results": icl_results(probe)}
+
+
+def run_icl_qlora_probe(name: str, root: Path) -> dict[str, Any]:
+    from tests.strategy_probes import icl_data, icl_qlora_probe, icl_results
+
+    t = trainer(name, root, enable_checkpointing=False)
+    probe = icl_qlora_probe()
     t.test(probe, datamodule=icl_data())
     return {"results": icl_results(probe)}
 

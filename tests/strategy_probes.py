@@ -12,11 +12,17 @@ from common.hf_loading import tiny_llama_config
 from tests.test_icl_probe import SHORT_SST2
 
 
-def icl_probe() -> Any:
+def icl_probe(**overrides: Any) -> Any:
     from lightning_modules.probes.icl_gd import ICLvsGDProbe
 
-    return ICLvsGDProbe(model=None, model_config=tiny_llama_config(max_position_embeddings=2048), tokenizer="byt5",
-                        gd_lr=0.1, gd_epochs=1, batch_size=8, analysis_examples=1, von_oswald=False)
+    args = dict(model=None, model_config=tiny_llama_config(max_position_embeddings=2048), tokenizer="byt5",
+                gd_lr=0.1, gd_epochs=1, batch_size=8, analysis_examples=1, von_oswald=False)
+    return ICLvsGDProbe(**(args | overrides))
+
+
+def icl_qlora_probe() -> Any:
+    """The same probe with GD through LoRA adapters on a 4-bit base."""
+    return icl_probe(quantization="4bit", gd_method="lora", gd_lr=0.3)
 
 
 def icl_data() -> Any:

@@ -30,7 +30,7 @@ def test_task_mistakes_list_what_exists():
         ("--data.init_args.tasks=[sst3]", "unknown ICL task 'sst3'"),
         ("--data.init_args.tasks=[{name: x, source: 'staicc:sst2'}]", "missing fields ['label_words']"),
         ("--model.init_args.gd_mode=adam", "GD mode must be 'full_batch' or 'sgd'"),
-        ("--model.init_args.quantization=4bit", "cannot run GD on a 4bit quantized model"),
+        ("--model.init_args.quantization=4bit", "full GD cannot update a 4bit quantized model's weights"),
     ],
 )
 def test_train_py_prints_one_line(override, expected):

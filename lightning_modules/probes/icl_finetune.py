@@ -12,6 +12,9 @@ tokens only. Two schedules:
 
 Plain SGD without momentum or weight decay: the point is gradient descent, not a good fine-tuner.
 The model is kept in eval mode so dropout does not add noise to an otherwise deterministic update.
+
+What GD updates: every selected weight of a deep copy (``GDConfig.lora is None``, "full"), or fresh LoRA
+adapters on a weight-sharing copy (``icl_lora``; the only way on a 4-/8-bit quantized base).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from common.errors import UserFacingError
+from lightning_modules.probes.icl_lora import LoraSettings, adapter_copy, seeded
 from lightning_modules.probes.icl_scoring import encode_pair
 
 DAI_LEARNING_RATES: dict[str, float] = {
@@ -52,6 +56,8 @@ class GDConfig:
         epochs: Passes over the demonstrations (a full-batch epoch is one step).
         preset: ``"dai"`` fixes sgd / kv / 1 epoch and the per-task learning rate; None uses the fields.
         kv_pattern: Regex on parameter names selecting the K/V projections.
+        lora: None: GD updates the weights themselves; else the LoRA adapters it trains instead (on the
+            modules ``params`` selects when that is ``"kv"``).
     """
 
     mode: str = "full_batch"
@@ -60,6 +66,7 @@ class GDConfig:
     epochs: int = 1
     preset: str | None = None
     kv_pattern: str = KV_PATTERN
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("full_batch", "sgd"):
@@ -76,10 +83,10 @@ class GDConfig:
         if self.preset != "dai":
             return self
         lr = DAI_LEARNING_RATES.get(task_name, self.lr)
-        return GDConfig("sgd", "kv", lr, 1, None, self.kv_pattern)
+        return replace(self, mode="sgd", params="kv", lr=lr, epochs=1, preset=None)
 
     def with_mode(self, mode: str) -> GDConfig:
-        return GDConfig(mode, self.params, self.lr, self.epochs, self.preset, self.kv_pattern)
+        return replace(self, mode=mode)
 
 
 def trainable_parameters(model: torch.nn.Module, params: str, kv_pattern: str = KV_PATTERN) -> list[str]:
@@ -127,7 +134,7 @@ def demo_loss(model, examples, pad_id: int = 0) -> torch.Tensor:
 
 
 def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
-    """A fine-tuned deep copy of ``model`` (the original is untouched).
+    """A fine-tuned copy of ``model`` (the original is untouched).
 
     Args:
         model: The model to copy.
@@ -136,11 +143,17 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
         pad_id: Any valid token id (masked).
 
     Returns:
-        ``(model, losses)``: the tuned copy in eval mode and the loss before every step.
+        ``(model, losses)``: the tuned copy in eval mode and the loss before every step. With ``cfg.lora``
+        the copy shares the original's weights and carries fresh, trained adapters.
     """
     # Lightning runs test steps under inference_mode, which enable_grad alone does not lift; the copy
     # must also be made outside it, or its parameters would be inference tensors autograd refuses.
     with torch.inference_mode(False), torch.enable_grad():
+        if cfg.lora is not None:
+            with seeded(cfg.lora.init_seed, model):  # the same adapters and dropout masks in every run
+                tuned, adapters = adapter_copy(model, cfg.lora, cfg.params, cfg.kv_pattern)
+                losses = _descend(tuned, adapters, examples, cfg, pad_id)
+            return tuned.eval(), losses  # adapter dropout (if any) was on for the steps only
         tuned = copy.deepcopy(model).eval()
         if not examples:
             return tuned, []
@@ -150,20 +163,28 @@ def finetune_copy(model, examples, cfg: GDConfig, pad_id: int = 0):
             dtype = dict(tuned.named_parameters())[frozen_ints[0]].dtype
             raise UserFacingError(
                 f"GD cannot update quantized weights ({frozen_ints[0]} is {dtype}); "
-                "run the probe with quantization: null and dtype bfloat16/float32"
+                "use gd_method: lora (adapters on the quantized base), or quantization: null"
             )
         for name, p in tuned.named_parameters():
             p.requires_grad_(name in train)
-        opt = torch.optim.SGD([p for p in tuned.parameters() if p.requires_grad], lr=cfg.lr)
-        batches = [list(examples)] if cfg.mode == "full_batch" else [[e] for e in examples]
-        losses = []
-        for _ in range(cfg.epochs):
-            for batch in batches:
-                loss = demo_loss(tuned, batch, pad_id)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-        for p in tuned.parameters():
-            p.requires_grad_(False)
+        losses = _descend(tuned, [p for p in tuned.parameters() if p.requires_grad], examples, cfg, pad_id)
     return tuned, losses
+
+
+def _descend(tuned, params: list[torch.nn.Parameter], examples, cfg: GDConfig, pad_id: int) -> list[float]:
+    """Plain SGD on ``params`` over the demonstrations as ``cfg.mode`` batches them; frozen afterwards."""
+    if not examples:
+        return []
+    opt = torch.optim.SGD(params, lr=cfg.lr)
+    batches = [list(examples)] if cfg.mode == "full_batch" else [[e] for e in examples]
+    losses = []
+    for _ in range(cfg.epochs):
+        for batch in batches:
+            loss = demo_loss(tuned, batch, pad_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return losses

@@ -29,6 +29,7 @@ from datamodules.icl_tasks import WorkUnit
 from lightning_modules.probes import icl_paper_report, icl_report
 from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
 from lightning_modules.probes.icl_gd_selection import select_gd
+from lightning_modules.probes.icl_lora import DEFAULT_TARGET_MODULES, LoraSettings, prepare_quantized_base
 from lightning_modules.probes.icl_runner import (
     ScoringOptions,
     json_safe,
@@ -50,8 +51,15 @@ class ICLvsGDProbe(L.LightningModule):
         model_config: A config dict (``model_type`` + fields) for a randomly initialised model (tests).
         tokenizer: Defaults to ``model``; ``"byt5"`` for tiny config models.
         dtype: Weights dtype ("float32", "bfloat16", "float64").
-        quantization: None, "8bit" or "4bit" (bitsandbytes; for 7B models on CUDA). GD needs trainable
-            weights, so quantized runs fine-tune only what bitsandbytes leaves trainable.
+        quantization: None, "8bit" or "4bit" (bitsandbytes, CPU or CUDA): needs ``gd_method: lora``, since
+            GD cannot step quantized weights; a 4-bit base with LoRA GD is the QLoRA recipe.
+        gd_method: "full" (GD updates the weights of a copy of the model) or "lora" (GD trains fresh LoRA
+            adapters on the frozen, shared base in every run; see ``icl_lora``). Results name the variant.
+        lora_r: Adapter rank (``gd_method: lora``).
+        lora_alpha: Adapter scale numerator (updates are scaled by ``lora_alpha / lora_r``).
+        lora_dropout: Dropout on the adapters' input during GD steps (0: deterministic GD).
+        lora_target_modules: peft ``target_modules``: "all-linear" (every linear layer but the head: on
+            Llama q/k/v/o and gate/up/down projections), module-name suffixes, or a regex.
         gd_mode: "full_batch" or "sgd" (batch 1, demos in the given order).
         gd_params: "all" or "kv" (attention key/value projections only).
         gd_lr: SGD learning rate when no grid is given (``gd_lr_grid: null``).
@@ -80,6 +88,11 @@ class ICLvsGDProbe(L.LightningModule):
         tokenizer: str | None = None,
         dtype: str = "float32",
         quantization: str | None = None,
+        gd_method: str = "full",
+        lora_r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = DEFAULT_TARGET_MODULES,
         gd_mode: str = "full_batch",
         gd_params: str = "all",
         gd_lr: float = 1e-3,
@@ -98,15 +111,21 @@ class ICLvsGDProbe(L.LightningModule):
         num_threads: int | None = None,
     ) -> None:
         super().__init__()
-        if quantization is not None:
-            # GD updates the weights; bitsandbytes' 8/4-bit weights are integer tensors autograd cannot step.
-            # Refuse before any model is loaded or any example scored, not after the scoring has run.
+        if gd_method not in ("full", "lora"):
+            raise UserFacingError(f"gd_method must be 'full' or 'lora', got {gd_method!r}")
+        if quantization is not None and gd_method == "full":
+            # bitsandbytes' 8/4-bit weights are integer tensors SGD cannot step. Refuse before any model
+            # is loaded or any example scored, not after the scoring has run.
             raise UserFacingError(
-                f"the ICL-vs-GD probe cannot run GD on a {quantization} quantized model (its weights are not "
-                "trainable); use quantization: null with dtype bfloat16 or float32"
+                f"full GD cannot update a {quantization} quantized model's weights: use gd_method: lora "
+                "(LoRA adapters on the quantized base, the QLoRA recipe), or quantization: null"
             )
         self.save_hyperparameters()
-        self.gd = GDConfig(gd_mode, gd_params, gd_lr, gd_epochs, gd_preset)
+        lora = None
+        if gd_method == "lora":
+            targets = lora_target_modules if isinstance(lora_target_modules, str) else tuple(lora_target_modules)
+            lora = LoraSettings(lora_r, lora_alpha, lora_dropout, targets, init_seed=seed)
+        self.gd = GDConfig(gd_mode, gd_params, gd_lr, gd_epochs, gd_preset, lora=lora)
         self.opts = ScoringOptions(batch_size, reuse_prefix, full_vocab, analysis_examples, seed=seed)
         self.lm: torch.nn.Module | None = None
         self.tokenizer = None
@@ -127,6 +146,8 @@ class ICLvsGDProbe(L.LightningModule):
         self.lm = load_causal_lm(
             hp.model, model_config=hp.model_config, dtype=hp.dtype, quantization=hp.quantization, seed=hp.seed
         ).eval()
+        if hp.quantization is not None:
+            self.lm = prepare_quantized_base(self.lm)  # before any scoring: every arm sees this base
         self.lm.requires_grad_(False)
         self.tokenizer = load_tokenizer(hp.tokenizer or hp.model or "byt5")
 
@@ -144,11 +165,13 @@ class ICLvsGDProbe(L.LightningModule):
             # Same architecture and dtype, fresh weights: the Deutch et al. baseline for every similarity.
             from transformers import AutoModelForCausalLM
 
-            with torch.random.fork_rng():
+            # Built outside the test loop's inference mode: LoRA GD backpropagates through these shared
+            # weights, and autograd refuses inference tensors.
+            with torch.random.fork_rng(), torch.inference_mode(False):
                 torch.manual_seed(self.hparams.random_init_seed)
                 self._random_lm = (
-                    AutoModelForCausalLM.from_config(self.lm.config)
-                    .to(dtype=next(self.lm.parameters()).dtype, device=next(self.lm.parameters()).device)
+                    AutoModelForCausalLM.from_config(self.lm.config)  # unquantized, even for a quantized base
+                    .to(dtype=getattr(torch, self.hparams.dtype), device=next(self.lm.parameters()).device)
                     .eval()
                 )
             self._random_lm.requires_grad_(False)
@@ -184,7 +207,7 @@ class ICLvsGDProbe(L.LightningModule):
         if key not in self._selections:
             start = time.perf_counter()
             tok, opts = self.tokenizer, self.opts
-            base = GDConfig(self.gd.mode, self.gd.params, self.gd.lr, self.gd.epochs, None, self.gd.kv_pattern)
+            base = replace(self.gd, preset=None)
             record = select_gd(
                 base.resolved(task.name) if self.gd.preset is None else replace(base, mode="sgd", params="kv"),
                 list(hp.gd_lr_grid),
@@ -245,6 +268,7 @@ class ICLvsGDProbe(L.LightningModule):
 
             control = run_control(train_steps=self.hparams.von_oswald_steps, seed=self.hparams.seed)
         self.results = {
+            "gd_variant": agg["gd_variant"],
             "config": dict(self.hparams),
             "provenance": self._provenance(),
             "aggregate": agg,
@@ -313,11 +337,12 @@ class ICLvsGDProbe(L.LightningModule):
             if png is not None:
                 log_image(self.trainer, key, png)
         rows = icl_paper_report.summary_rows(results["aggregate"])
-        png = icl_paper_report.plot_summary(rows, out / icl_paper_report.REPORT_PNG)
+        gd = icl_paper_report.gd_label(results["aggregate"])
+        png = icl_paper_report.plot_summary(rows, out / icl_paper_report.REPORT_PNG, gd)
         if png is not None:
             log_image(self.trainer, "icl_gd/summary", png)
         rank_zero_info(f"[icl_gd] results written to {out / RESULTS_FILE}")
-        self._summary = f"\n{icl_paper_report.format_table(rows)}\nsummary figure: {png}"
+        self._summary = f"\n{icl_paper_report.format_table(rows, gd)}\nsummary figure: {png}"
 
     @override
     def teardown(self, stage: str) -> None:

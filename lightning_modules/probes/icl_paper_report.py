@@ -58,6 +58,11 @@ def summary_rows(agg: dict, variant: str = "pretrained") -> list[dict]:
     return rows
 
 
+def gd_label(agg: dict, variant: str = "pretrained") -> str | None:
+    """What "GD" means in this run's table, e.g. ``GD (QLoRA r=16, 4-bit base)``; None for older results."""
+    return agg.get("gd_variant", {}).get(variant)
+
+
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -66,17 +71,23 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table (ICL~GD, GD~ZS: share of test examples with the same top-1 label)."""
+def format_table(rows: list[dict], gd: str | None = None) -> str:
+    """A fixed-width text table (ICL~GD, GD~ZS: share of test examples with the same top-1 label).
+
+    ``gd`` (see ``gd_label``) heads the table, so full GD and adapter GD cannot be mistaken for each other.
+    """
     cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if gd:
+        lines.insert(0, f"GD = {gd}")
     return "\n".join(lines)
 
 
-def plot_summary(rows: list[dict], path: Path) -> Path | None:
-    """Per task: accuracy of zero-shot/ICL/GD and the two agreements against N, one panel per task."""
+def plot_summary(rows: list[dict], path: Path, gd: str | None = None) -> Path | None:
+    """Per task: accuracy of zero-shot/ICL/GD and the two agreements against N, one panel per task;
+    ``gd`` (the GD variant's name) titles the figure."""
     if not rows:
         return None
     import matplotlib
@@ -104,6 +115,8 @@ def plot_summary(rows: list[dict], path: Path) -> Path | None:
         ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("accuracy / agreement")
     axes[0][-1].legend(fontsize=7, loc="lower right")
+    if gd:
+        fig.suptitle(f"GD = {gd}", fontsize=9)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
     return path
@@ -117,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     results_path = Path(args[0])
     results = json.loads(results_path.read_text())
     rows = summary_rows(results["aggregate"])
-    print(format_table(rows))
-    png = plot_summary(rows, results_path.parent / REPORT_PNG)
+    gd = gd_label(results["aggregate"])
+    print(format_table(rows, gd))
+    png = plot_summary(rows, results_path.parent / REPORT_PNG, gd)
     if png:
         print(f"figure: {png}")
     return 0

@@ -81,7 +81,12 @@ def aggregate(units: list[dict]) -> dict:
     for u in units:
         if u.get("gd_selection"):
             selection.setdefault(u["model_variant"], {}).setdefault(u["task"], u["gd_selection"])
-    return {"sweep": sweep, "order": order, "gd_selection": selection}
+    # Which GD each model variant got ("GD (QLoRA r=16, 4-bit base)", "GD (full)", ...): one per variant.
+    variants: dict = {}
+    for u in units:
+        if u.get("gd_variant"):
+            variants.setdefault(u["model_variant"], u["gd_variant"])
+    return {"sweep": sweep, "order": order, "gd_selection": selection, "gd_variant": variants}
 
 
 def plot_sweep(agg: dict, path: Path) -> Path | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ from datamodules.icl_tasks import Example, ICLTask, WorkUnit
 from lightning_modules.probes import icl_metrics as M
 from lightning_modules.probes.icl_finetune import GDConfig, encode_demos, finetune_copy
 from lightning_modules.probes.icl_internals import capture
+from lightning_modules.probes.icl_lora import base_quantization, gd_variant
 from lightning_modules.probes.icl_scoring import (
     ScoreResult,
     encode_requests,
@@ -211,6 +212,7 @@ def run_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOptions) -> 
     ``gd`` is the configuration for this unit's task (already chosen or resolved by the caller).
     """
     body = (run_sweep_unit if unit.kind == "sweep" else run_order_unit)(model, tok, unit, gd, opts)
+    resolved = gd.resolved(unit.task.name)
     return {
         "uid": unit.uid,
         "kind": unit.kind,
@@ -218,7 +220,8 @@ def run_unit(model, tok, unit: WorkUnit, gd: GDConfig, opts: ScoringOptions) -> 
         "n_demos": unit.n_demos,
         "seed": unit.seed,
         "model_variant": unit.model_variant,
-        "gd": vars(gd.resolved(unit.task.name)),
+        "gd": asdict(resolved),
+        "gd_variant": gd_variant(resolved.lora, resolved.params, base_quantization(model)),
         "demonstrations": [
             {"index": d.index, "label": d.label, "text": unit.task.render_demo(d)} for d in unit.demos
         ],

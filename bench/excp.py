@@ -10,7 +10,12 @@ Measured in one run, all on this machine, single process (torch.set_num_threads(
   * quality: validation loss of every reconstructed checkpoint vs the uncompressed one; and runs that
     resume >= 5 times from reconstructed checkpoints vs an uninterrupted run, with Adam betas
     (0.9, 0.95) and (0.9, 0.999);
-  * ablations on the same series: no residual, weight-only pruning, uniform quantization, 2/3/4/8 bits;
+  * ablations on the same series: no residual, weight-only pruning, uniform quantization, 2/3/4/8 bits,
+    zstd layouts only (the coding before rANS), bit budgets (``target_bits_per_param``);
+  * per code stream (weight codes + mask, m codes + mask, v codes): bits per symbol spent vs the
+    empirical order-0 entropy, with rANS and with the zstd layouts only (bench/excp_streams.py);
+  * rate modes: bits per parameter of each delta under alpha and under a bit budget at gradient
+    scales 0.01, 1 and 100;
   * speed: encode / decode MB/s of raw checkpoint tensors.
 Writes bench/results/excp.json and bench/results/excp.png.
 """
@@ -33,12 +38,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import zstandard  # noqa: E402
+from excp_streams import delta_speed, gradient_scale_report, stream_report  # noqa: E402
 from excp_workload import Workload, evaluate, full_workload, quick_workload, train  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from callbacks.excp.decoder import decode_sequence  # noqa: E402
 from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
 from common.atomic import atomic_save_figure, atomic_write_bytes, atomic_write_json  # noqa: E402
+
+ZSTD_ONLY = "zstd layouts only (before rANS)"
+DEFAULT = "excp 4-bit (method)"
 
 # ----------------------------------------------------------------------------------------------
 
@@ -86,9 +95,7 @@ def encode_series(
     return rows
 
 
-def large_tensor_speed(
-    ckpts: list[dict[str, Any]], names: list[str], settings: ExCPSettings
-) -> dict[str, float]:
+def large_tensor_speed(ckpts: list[dict[str, Any]], names: list[str], settings: ExCPSettings) -> dict[str, float]:
     """Codec throughput without per-tensor overhead: the real last two checkpoints' W, m, v, each
     flattened into one vector, tiled to >= 4M elements (the size of a 135M model's larger tensors) and
     shuffled by one shared permutation, so that zstd cannot cheat on the repetition."""
@@ -250,7 +257,7 @@ def main() -> None:
 
     # ---- ablations on the same series
     variants = {
-        "excp 4-bit (method)": default,
+        DEFAULT: default,
         "2-bit": replace(default, bits_w=2, bits_m=2, bits_v=2),
         "3-bit": replace(default, bits_w=3, bits_m=3, bits_v=3),
         "8-bit": replace(default, bits_w=8, bits_m=8, bits_v=8),
@@ -260,10 +267,18 @@ def main() -> None:
         "linear-domain v (paper)": replace(default, v_log_domain=False),
         "alpha 5e-4": replace(default, alpha=5e-4),
         "alpha 5e-3": replace(default, alpha=5e-3),
+        ZSTD_ONLY: replace(default, entropy_coder="zstd"),
+        "target 2 bits/param": replace(default, target_bits_per_param=2.0),
+        "target 1 bit/param": replace(default, target_bits_per_param=1.0),
     }
     ablations = []
+    folders = {DEFAULT: tmp / "excp"}
+    series_rows: dict[str, list[dict[str, Any]]] = {}
     for name, st in variants.items():
-        rows = excp_rows if st == default else encode_series(ckpts, st, names, tmp / f"abl-{len(ablations)}")
+        if st != default:
+            folders[name] = tmp / f"abl-{len(ablations)}"
+        rows = excp_rows if st == default else encode_series(ckpts, st, names, folders[name])
+        series_rows[name] = rows
         d_rows = [(i, r) for i, r in enumerate(rows) if not r["stats"]["keyframe"]]
         deltas_rel = []
         for i, r in d_rows:
@@ -284,6 +299,28 @@ def main() -> None:
             f"ablation {name:24s}: median delta ratio {ablations[-1]['delta_ratio_median']:7.1f}x, "
             f"reconstructed val loss {ablations[-1]['val_loss_delta_rel_mean'] * 100:+.2f}% (mean)"
         )
+
+    series_paths = {name: [folder / f"ckpt-{i}.excp" for i in range(len(ckpts))] for name, folder in folders.items()}
+    by_variant = {a["variant"]: a for a in ablations}
+    before, after = by_variant[ZSTD_ONLY]["delta_ratio_median"], by_variant[DEFAULT]["delta_ratio_median"]
+    entropy_coding = {
+        "streams": stream_report(series_paths[DEFAULT]),
+        "streams_zstd_layouts_only": stream_report(series_paths[ZSTD_ONLY]),
+        "streams_target_1_bit": stream_report(series_paths["target 1 bit/param"]),
+        "delta_ratio_median_zstd_layouts_only": before,
+        "delta_ratio_median": after,
+        "ratio_change": after / before - 1,
+        "delta_speed_mb_s": {name: delta_speed(series_rows[name], per_ckpt) for name in (DEFAULT, ZSTD_ONLY)},
+    }
+    for kind, r in entropy_coding["streams"].items():
+        z = entropy_coding["streams_zstd_layouts_only"][kind]
+        print(
+            f"stream {kind}: {r['bits_per_symbol']:.3f} bits/symbol (zstd layouts only {z['bits_per_symbol']:.3f}), "
+            f"order-0 entropy {r['entropy_bits_per_symbol']:.3f} ({r['excess_over_entropy'] * 100:+.1f}%), "
+            f"coders {r['streams_by_coder']}"
+        )
+    print(f"median delta ratio {after:.2f}x with rANS vs {before:.2f}x with the zstd layouts only")
+    rate_control = gradient_scale_report(ckpts, names, default, 2.0, tmp / "rate")
 
     lossy_resume = {
         k: {
@@ -320,6 +357,8 @@ def main() -> None:
         },
         "sparsity_median": {k: statistics.median(r["sparsity"][k] for r in deltas) for k in ("w", "m")},
         "reconstructed_val_loss_delta_rel_max": max(r["val_loss_delta_rel"] for r in per_ckpt),
+        "entropy_coding": entropy_coding,
+        "rate_control": rate_control,
         "per_checkpoint": per_ckpt,
         "lossy_resume": lossy_resume,
         "ablations": ablations,

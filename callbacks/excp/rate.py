@@ -14,9 +14,11 @@ threshold is instead the one whose *coded size* meets ``budget_bits``:
 
   the order-0 entropy of the three code streams (``h`` the binary entropy of a mask, ``H_*`` the
   entropy of a stream's k-means codes), which the rANS coder reaches within a few bytes;
-* the largest ``q`` within budget is read off one sorted sample of ``|dW|`` (no bisection loop over
-  the full tensor); the encoder then measures the real code entropies and overhead and repeats until
-  the estimate is within :data:`TOLERANCE` (two or three rounds).
+* the largest ``q`` within budget is read off one sorted sample of ``|dW|`` (no pass over the full
+  tensor per candidate); the tensor is then quantized and coded for real, the model refitted to what
+  coding spent, and the search repeated (bracketed by the shares measured to fit and not to fit)
+  until the coded size is within :data:`TOLERANCE` of the budget or the model's best is measured
+  (two or three rounds, at most :data:`ROUNDS`).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ ROUNDS = 6
 """At most this many threshold/quantize rounds per tensor (two or three are typical)."""
 
 TOLERANCE = 0.01
-"""The encoder stops refining once its estimate of a tensor's coded bits is within 1% of the budget."""
+"""The search stops once a tensor's coded W, m, v are within 1% of its budget."""
 SMALL_NUMEL = 1024
 """Tensors up to this size (norm weights, biases) keep every residual: a budget of a few hundred bits
 cannot pay for their codebooks, and freezing them would cost quality for a negligible saving."""
 SAMPLE = 1 << 17
-"""``|dW|`` values ranked per round: the kept share is then known to ~0.3% of the tensor."""
+"""``|dW|`` values ranked per tensor (all of them in smaller tensors): the kept share of a candidate
+threshold is then known to ~0.3% of the tensor."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import zstandard  # noqa: E402
-from excp_streams import delta_speed, gradient_scale_report, stream_report  # noqa: E402
+from excp_streams import entropy_coding_report, gradient_scale_report  # noqa: E402
 from excp_workload import Workload, evaluate, full_workload, quick_workload, train  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
@@ -47,6 +48,7 @@ from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
 from common.atomic import atomic_save_figure, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 ZSTD_ONLY = "zstd layouts only (before rANS)"
+ZSTD_ONLY_SPARSE = "alpha 5e-3, zstd layouts only"
 DEFAULT = "excp 4-bit (method)"
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]  # speeds are only comparable at similar machine load
     wl = quick_workload() if args.quick else full_workload()
     print(f"workload: {wl.name}, {wl.steps} steps, checkpoint every {wl.interval}")
     tmp = Path(tempfile.mkdtemp(prefix="excp-bench-"))
@@ -270,6 +273,7 @@ def main() -> None:
         ZSTD_ONLY: replace(default, entropy_coder="zstd"),
         "target 2 bits/param": replace(default, target_bits_per_param=2.0),
         "target 1 bit/param": replace(default, target_bits_per_param=1.0),
+        ZSTD_ONLY_SPARSE: replace(default, alpha=5e-3, entropy_coder="zstd"),
     }
     ablations = []
     folders = {DEFAULT: tmp / "excp"}
@@ -301,25 +305,8 @@ def main() -> None:
         )
 
     series_paths = {name: [folder / f"ckpt-{i}.excp" for i in range(len(ckpts))] for name, folder in folders.items()}
-    by_variant = {a["variant"]: a for a in ablations}
-    before, after = by_variant[ZSTD_ONLY]["delta_ratio_median"], by_variant[DEFAULT]["delta_ratio_median"]
-    entropy_coding = {
-        "streams": stream_report(series_paths[DEFAULT]),
-        "streams_zstd_layouts_only": stream_report(series_paths[ZSTD_ONLY]),
-        "streams_target_1_bit": stream_report(series_paths["target 1 bit/param"]),
-        "delta_ratio_median_zstd_layouts_only": before,
-        "delta_ratio_median": after,
-        "ratio_change": after / before - 1,
-        "delta_speed_mb_s": {name: delta_speed(series_rows[name], per_ckpt) for name in (DEFAULT, ZSTD_ONLY)},
-    }
-    for kind, r in entropy_coding["streams"].items():
-        z = entropy_coding["streams_zstd_layouts_only"][kind]
-        print(
-            f"stream {kind}: {r['bits_per_symbol']:.3f} bits/symbol (zstd layouts only {z['bits_per_symbol']:.3f}), "
-            f"order-0 entropy {r['entropy_bits_per_symbol']:.3f} ({r['excess_over_entropy'] * 100:+.1f}%), "
-            f"coders {r['streams_by_coder']}"
-        )
-    print(f"median delta ratio {after:.2f}x with rANS vs {before:.2f}x with the zstd layouts only")
+    pairs = {"": (DEFAULT, ZSTD_ONLY), "_alpha_5e-3": ("alpha 5e-3", ZSTD_ONLY_SPARSE)}
+    entropy_coding = entropy_coding_report(series_paths, ablations, series_rows, per_ckpt, pairs)
     rate_control = gradient_scale_report(ckpts, names, default, 2.0, tmp / "rate")
 
     lossy_resume = {
@@ -366,6 +353,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cpu": platform.processor(),
+            "load_average_1m_at_start_and_end": [load_at_start, os.getloadavg()[0]],
         },
         "threads": 1,
         "wall_s": time.perf_counter() - t_start,

@@ -82,6 +82,35 @@ def stream_report(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return report
 
 
+def entropy_coding_report(
+    series_paths: dict[str, list[Path]],
+    ablations: list[dict[str, Any]],
+    series_rows: dict[str, list[dict[str, Any]]],
+    per_ckpt: list[dict[str, Any]],
+    pairs: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """Streams and median delta ratios of each (rANS, zstd layouts only) pair of encoded variants."""
+    by_variant = {a["variant"]: a for a in ablations}
+    report: dict[str, Any] = {}
+    for suffix, (auto, zstd) in pairs.items():
+        after, before = by_variant[auto]["delta_ratio_median"], by_variant[zstd]["delta_ratio_median"]
+        report[f"streams{suffix}"] = stream_report(series_paths[auto])
+        report[f"streams{suffix}_zstd_layouts_only"] = stream_report(series_paths[zstd])
+        report[f"delta_ratio_median{suffix}"] = after
+        report[f"delta_ratio_median{suffix}_zstd_layouts_only"] = before
+        report[f"ratio_change{suffix}"] = after / before - 1
+        report[f"delta_speed_mb_s{suffix}"] = {name: delta_speed(series_rows[name], per_ckpt) for name in (auto, zstd)}
+        for kind, r in report[f"streams{suffix}"].items():
+            z = report[f"streams{suffix}_zstd_layouts_only"][kind]
+            print(
+                f"{auto}, stream {kind}: {r['bits_per_symbol']:.3f} bits/symbol (zstd layouts only "
+                f"{z['bits_per_symbol']:.3f}), order-0 entropy {r['entropy_bits_per_symbol']:.3f} "
+                f"({r['excess_over_entropy'] * 100:+.1f}%), coders {r['streams_by_coder']}"
+            )
+        print(f"{auto}: median delta ratio {after:.2f}x, {before:.2f}x with the zstd layouts only")
+    return report
+
+
 def delta_speed(rows: list[dict[str, Any]], per_ckpt: list[dict[str, Any]]) -> dict[str, float]:
     """Encode and decode MB/s of raw checkpoint tensors over the delta files of one encoded series."""
     ids = [i for i, r in enumerate(per_ckpt) if r["kind"] == "delta"]

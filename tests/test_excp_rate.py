@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.excp import ExCP, ExCPSettings, is_excp_file, load_checkpoint
 from callbacks.excp.decoder import decode_sequence
 from callbacks.excp.encoder import ExCPEncoder
+from callbacks.excp.fileformat import ExCPFile
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 
@@ -113,6 +114,7 @@ def test_a_delta_budget_pays_for_small_tensors_first(workloads, tmp_path):
         ({"target_bits_per_param": 0.0}, "target_bits_per_param=0.0 is invalid"),
         ({"target_bits_per_param": float("nan")}, "is invalid"),
         ({"target_bits_per_param": 40}, "is invalid"),
+        ({"target_bits_per_param": True}, "is invalid"),
         ({"alpha": -1.0}, "alpha=-1.0 is invalid"),
         ({"entropy_coder": "huffman"}, "entropy_coder='huffman' is invalid"),
     ],
@@ -155,3 +157,54 @@ def test_resume_from_a_budget_coded_delta(tiny_model_config, cpu_trainer_kwargs,
     second = trainer(tmp_path / "b", 6)
     second.fit(module(), datamodule=data(), ckpt_path=str(delta))
     assert second.global_step == 6
+
+
+def test_cli_compresses_to_a_budget_and_refuses_two_modes(workloads, tmp_path, capsys):
+    from callbacks.excp.cli import main
+
+    series, _ = workloads[1.0]
+    inputs = []
+    for ckpt in series:
+        path = tmp_path / f"step={ckpt['global_step']}.ckpt"
+        torch.save(ckpt, path)
+        inputs.append(str(path))
+    out = tmp_path / "out"
+    assert main(["compress", *inputs, "-o", str(out), "--target-bits-per-param", "1.5", "--alpha", "1e-4"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["compress", *inputs, "-o", str(out), "--target-bits-per-param", "1.5"]) == 0
+    header = ExCPFile.open(out / "step=12.excp").header
+    assert header["settings"]["target_bits_per_param"] == 1.5 and header["kind"] == "delta"
+    stats = header["stats"]
+    bits = stats["bits_per_param_w"] + stats["bits_per_param_m"] + stats["bits_per_param_v"]
+    assert abs(bits - 1.5) <= TOLERANCE * 1.5
+
+
+@pytest.mark.parametrize("moments", ["adam", "sgd", "none"])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3000,), (64, 80)])
+def test_budget_mode_codes_any_tensor_and_decodes_to_the_reconstruction(moments, shape):
+    from callbacks.excp.codec import decode_param, encode_param_delta
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(shape, generator=g)
+    w = ref + 1e-3 * torch.randn(shape, generator=g) ** 3
+    m = None if moments == "none" else 1e-3 * torch.randn(shape, generator=g)
+    v = 1e-6 * torch.rand(shape, generator=g) if moments == "adam" else None
+    s = ExCPSettings(target_bits_per_param=1.0, kmeans_sample=1024)
+    code = encode_param_delta(w, ref, m, v, s, torch.Generator().manual_seed(1))
+    got_w, got_m, got_v = decode_param(
+        kind="delta",
+        w_mode=code.w_mode,
+        w_blob=code.w,
+        m_blob=code.m,
+        v_blob=code.v,
+        ref=ref,
+        shape=shape,
+        dtype=torch.float32,
+        m_dtype=torch.float32,
+        v_dtype=torch.float32,
+        v_floor=code.v_floor,
+    )
+    assert torch.equal(got_w, code.recon_w) and (got_m is None) == (m is None) and (got_v is None) == (v is None)
+    if w.numel() > 1024:
+        bits = 8 * (len(code.w) + len(code.m or b"") + len(code.v or b""))
+        assert bits <= 1.0 * w.numel() * (1 + TOLERANCE)

@@ -46,6 +46,10 @@ DEFAULT_ALPHA = 5e-5
 """The paper's weight-mask scale."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ExCPSettings:
     """Codec settings; stored in every file header so a reader never guesses them.
@@ -130,9 +134,9 @@ class ExCPSettings:
                 f"ExCP alpha={alpha} and target_bits_per_param={target} are two rate modes: set one of them "
                 "(alpha: null to use the bit budget)"
             )
-        if target is not None and not (isinstance(target, int | float) and 0 < target <= 32 and math.isfinite(target)):
+        if target is not None and not (_is_number(target) and 0 < target <= 32 and math.isfinite(target)):
             raise UserFacingError(f"ExCP target_bits_per_param={target!r} is invalid: use a number in (0, 32]")
-        if alpha is not None and not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
+        if alpha is not None and not (_is_number(alpha) and alpha > 0 and math.isfinite(alpha)):
             raise UserFacingError(f"ExCP alpha={alpha!r} is invalid: use a number > 0 (or null with a bit budget)")
 
     @property
@@ -363,10 +367,9 @@ def _fit_budget(
     """Codes of ``dw`` whose coded size meets ``target_bits_per_param * numel`` (see :func:`fit_budget`)."""
     assert s.target_bits_per_param is not None
 
-    def quantize(wmask: torch.Tensor) -> tuple[_Codes, list[tuple[int, np.ndarray]], int]:
+    def quantize(wmask: torch.Tensor) -> tuple[_Codes, int]:
         codes = _quantize_streams(dw, wmask, m, v, s, gen)
-        streams = [(cb.numel(), idx) for _, cb, idx in _streams(codes)]
-        return codes, streams, 8 * sum(map(len, _blobs(codes, s).values()))
+        return codes, 8 * sum(map(len, _blobs(codes, s).values()))
 
     bits = (s.bits_w, s.bits_m, s.bits_v)
     budget = s.target_bits_per_param * dw.numel()

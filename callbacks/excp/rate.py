@@ -14,23 +14,23 @@ threshold is instead the one whose *coded size* meets ``budget_bits``:
 
   the order-0 entropy of the three code streams (``h`` the binary entropy of a mask, ``H_*`` the
   entropy of a stream's k-means codes), which the rANS coder reaches within a few bytes;
-* the largest ``q`` within budget is read off one sorted sample of ``|dW|`` (no pass over the full
-  tensor per candidate); the tensor is then quantized and coded for real, the model refitted to what
-  coding spent, and the search repeated (bracketed by the shares measured to fit and not to fit)
-  until the coded size is within :data:`TOLERANCE` of the budget or the model's best is measured
-  (two or three rounds, at most :data:`ROUNDS`).
+* the first guess, the largest ``q`` within budget, is read off one sorted sample of ``|dW|``; the
+  tensor is then quantized and coded for real and the threshold corrected from what coding spent
+  (a step in proportion to the budget, then regula falsi between the ranks measured to fit and not
+  to fit) until the coded size is within :data:`TOLERANCE` of the budget (two to four rounds, at
+  most :data:`ROUNDS`). Measuring the real coder keeps it right where zstd beats order 0 (an
+  embedding's untouched rows) or tables dominate (short streams).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
-
-from callbacks.excp.entropy import entropy_bits
 
 __all__ = ["SMALL_NUMEL", "TOLERANCE", "RateModel", "fit_budget"]
 
@@ -50,7 +50,7 @@ threshold is then known to ~0.3% of the tensor."""
 
 @dataclass
 class RateModel:
-    """Bits per kept code of each stream (entropies, scaled to what the coder really spent)."""
+    """Bits per kept code of each stream (the first guess's code entropies)."""
 
     h_w: float
     h_m: float
@@ -122,7 +122,7 @@ def fit_budget(
     has_v: bool,
     budget_bits: float,
     bits: tuple[int, int, int],
-    quantize: Callable[[torch.Tensor], tuple[Codes, list[tuple[int, np.ndarray]], int]],
+    quantize: Callable[[torch.Tensor], tuple[Codes, int]],
     generator: torch.Generator,
 ) -> Codes:
     """Quantized codes of one tensor whose coded size is within TOLERANCE of the budget.
@@ -132,72 +132,48 @@ def fit_budget(
         m_candidates: where the momentum criterion alone would keep m (1-D bool), or None without m.
         has_v: whether a second-moment stream follows m's mask.
         budget_bits: the tensor's budget (``target_bits_per_param * numel``).
-        bits: bits per code of the W, m, v streams (codebook sizes; the first round's entropy guess).
-        quantize: weight mask -> (codes, ``[(codebook size, code stream), ...]`` of W, m, v, the
-            coded size in bits of those streams).
+        bits: bits per code of the W, m, v streams (codebook sizes and the first guess's entropies).
+        quantize: weight mask -> (codes, their coded size in bits).
         generator: RNG of the ranked sample.
 
-    Each round takes the largest threshold the rate model says fits, codes, and refits the model to
-    what the coding really spent (code entropies measured, scaled by real size over estimate: zstd
-    beats the order-0 entropy on structured masks such as an embedding's untouched rows). Kept
-    shares measured to fit / not to fit bracket the next proposals (bisection when the model
-    proposes outside). Tensors of at most :data:`SMALL_NUMEL` entries keep every residual instead
-    of freezing; a tensor that cannot reach the budget gets the nearest it can.
+    Tensors of at most :data:`SMALL_NUMEL` entries keep every residual instead of freezing; a tensor
+    that cannot reach the budget (fixed costs) gets the nearest it can.
     """
     n = absdw.numel()
     if n <= SMALL_NUMEL:
         return quantize(torch.ones(n, dtype=torch.bool))[0]
     ranking = _rank(absdw, m_candidates, generator)
     size = ranking.values.numel()
-    model = RateModel(*map(float, bits))
+    model = RateModel(*(math.log2(2**b - 1) - 0.25 for b in bits))  # k-means codes: a bit under log2(k)
     best: tuple[float, Codes] | None = None
-    low, high, measured_low = 0, size + 1, False  # sample ranks known to fit / not to fit
+    low, high = (0, 0.0), (size + 1, math.inf)  # (sample rank, coded bits) known to fit / not to fit
+    within = np.flatnonzero(_cost(ranking, n, has_v, model, bits) <= budget_bits)
+    j = int(within[-1]) if within.size else 0
     for _ in range(ROUNDS):
-        within = np.flatnonzero(_cost(ranking, n, has_v, model, bits) <= budget_bits)
-        j = int(within[-1]) if within.size else 0
-        if measured_low and j <= low:
-            if high > size:
-                break  # the model says the best fit is already measured
-            j = (low + high) // 2
-        elif j >= high:
-            j = (low + high) // 2
-        if (measured_low and j <= low) or j >= high:
-            break  # the bracket is closed
-        wmask = _mask(absdw, ranking, j)
-        codes, streams, coded = quantize(wmask)
+        codes, coded = quantize(_mask(absdw, ranking, j))
         if best is None or _closer(coded, best[0], budget_bits):
             best = (coded, codes)
         if abs(coded - budget_bits) <= TOLERANCE * budget_bits:
             break
         if coded <= budget_bits:
-            low, measured_low = j, True
-            if j >= size:
-                break
+            low = (j, coded)
         else:
-            high = j
-            if j <= 0:
-                break
-        model = _refit(model, streams, coded, bits)
+            high = (j, coded)
+        if high[0] - low[0] <= 1:
+            break  # the bracket is closed (or everything / nothing is kept)
+        j = _next_rank(low, high, j, coded, budget_bits)
     assert best is not None
     return best[1]
 
 
-def _refit(
-    model: RateModel, streams: list[tuple[int, np.ndarray]], coded: float, bits: tuple[int, int, int]
-) -> RateModel:
-    """The rate model measured on one round: code entropies scaled by what coding really spent.
-
-    A stream with no kept codes says nothing about its entropy: its previous value stays.
-    """
-    estimate = fixed = 0.0
-    for (_, idx), b in zip(streams, bits, strict=False):
-        entropy = stream_bits(idx)
-        estimate += entropy
-        fixed += float(_fixed_bits(np.array(np.count_nonzero(idx)), b))
-    scale = (coded - fixed) / estimate if estimate > 0 and coded > fixed else 1.0
-    old = [model.h_w, model.h_m, model.h_v]
-    new = [scale * nonzero_entropy(idx) if np.any(idx) else old[i] for i, (_, idx) in enumerate(streams)]
-    return RateModel(*(new + old[len(new) :]))
+def _next_rank(low: tuple[int, float], high: tuple[int, float], j: int, coded: float, budget: float) -> int:
+    """The next sample rank to try: regula falsi inside a measured bracket, else a step in proportion
+    to the budget (cost grows about linearly with the kept count), always strictly inside the bracket."""
+    if math.isfinite(high[1]) and low[1] > 0:
+        guess = low[0] + (budget - low[1]) * (high[0] - low[0]) / (high[1] - low[1])
+    else:
+        guess = j * budget / max(coded, 1.0)
+    return int(min(max(round(guess), low[0] + 1), high[0] - 1))
 
 
 def _closer(bits: float, best: float, budget: float) -> bool:
@@ -207,14 +183,3 @@ def _closer(bits: float, best: float, budget: float) -> bool:
     if (bits <= limit) != (best <= limit):
         return bits <= limit
     return bits > best if bits <= limit else bits < best
-
-
-def stream_bits(codes: np.ndarray) -> float:
-    """Order-0 entropy in bits of one code stream (what rANS spends on it, tables aside)."""
-    return entropy_bits(np.bincount(codes)) if codes.size else 0.0
-
-
-def nonzero_entropy(codes: np.ndarray) -> float:
-    """Bits per nonzero code of a stream (the ``H_*`` of :class:`RateModel`); 0 when none."""
-    nz = codes[codes != 0]
-    return entropy_bits(np.bincount(nz)) / nz.size if nz.size else 0.0

@@ -19,7 +19,7 @@ from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 
 TOLERANCE = 0.03
-"""Achieved W+m+v bits per parameter of a delta stay within 3% of the target (measured: within 0.6%)."""
+"""Achieved W+m+v bits per parameter of a delta stay within 3% of the target (measured: within 0.7%)."""
 
 
 def _series(loss_scale: float) -> tuple[list[dict[str, Any]], list[str]]:
@@ -208,3 +208,34 @@ def test_budget_mode_codes_any_tensor_and_decodes_to_the_reconstruction(moments,
     if w.numel() > 1024:
         bits = 8 * (len(code.w) + len(code.m or b"") + len(code.v or b""))
         assert bits <= 1.0 * w.numel() * (1 + TOLERANCE)
+
+
+def _tiny_config_with_codec(tmp_path: Path, **codec: Any) -> Path:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs/excp/tiny_from_scratch.yaml").read_text())
+    excp = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ExCP")][0]
+    excp["init_args"]["codec"].update(codec)
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_yaml_budget_mode_parses_and_two_modes_are_one_line(tmp_path):
+    from tests.conftest import parse_config
+    from tests.shrink import TINY_MODEL_OVERRIDES
+
+    cli = parse_config(
+        _tiny_config_with_codec(tmp_path, alpha=None, target_bits_per_param=2.0), overrides=TINY_MODEL_OVERRIDES
+    )
+    excp = [c for c in cli.trainer.callbacks if isinstance(c, ExCP)][0]
+    assert excp.settings.target_bits_per_param == 2.0 and excp.settings.alpha is None
+    import train
+
+    with pytest.raises(ValueError) as info:  # jsonargparse wraps the settings' error; train.py unwraps it
+        parse_config(_tiny_config_with_codec(tmp_path, target_bits_per_param=2.0), overrides=TINY_MODEL_OVERRIDES)
+    assert train.one_line_error(info.value) == (
+        "ExCP alpha=5e-05 and target_bits_per_param=2.0 are two rate modes: set one of them "
+        "(alpha: null to use the bit budget)"
+    )

@@ -130,6 +130,16 @@ def test_a_few_bytes_cannot_claim_millions_of_symbols():
     assert blob is not None
     with pytest.raises(ValueError, match="cannot hold"):
         decode_rans(blob, 50_000_000)
+    # a model with a near-certain symbol would allow ~90,000 symbols a byte: the stream bound is zstd's
+    sparse = np.zeros(20_000_000, np.uint8)
+    sparse[::1_000_000] = 3
+    auto = encode_indices(sparse)
+    assert auto[0] != 4 and np.array_equal(decode_indices(auto, sparse.size), sparse)
+    rans = encode_rans(sparse)
+    assert rans is not None
+    head = struct.pack("<BBQ", 4, 2, sparse.size)
+    with pytest.raises(ValueError, match="more than the format allows"):
+        decode_indices(head + rans, sparse.size)
 
 
 def _rans_chain(folder: Path) -> list[Path]:

@@ -187,7 +187,7 @@ def encode_indices(idx: np.ndarray, *, level: int = 3, coder: str = "auto") -> b
         candidates = [(_MODE_SPLIT, struct.pack("<BQ", vbits, len(occ)) + occ + vblob)]
     if coder == "auto":
         rans = encode_rans(idx)
-        if rans is not None:
+        if rans is not None and n <= _max_symbols(len(rans)):  # else the reader would refuse it
             candidates.append((_MODE_RANS, rans))
     elif coder != "zstd":
         raise ValueError(f"unknown index coder {coder!r}; use one of {CODERS}")
@@ -214,6 +214,12 @@ def bounded_decompress(frame: bytes | memoryview, limit: int) -> bytes:
     if declared == 0 or limit == 0:
         return b""
     return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+
+
+def _max_symbols(payload_bytes: int) -> int:
+    """Most codes a stream of this many bytes may hold: zstd's own bound, so that no stream, whatever
+    its coder, lets a few bytes of a crafted file claim (and make the reader allocate) far more."""
+    return MAX_ZSTD_EXPANSION * payload_bytes + (1 << 17)
 
 
 def decode_indices(blob: bytes, expected: int | None = None) -> np.ndarray:
@@ -253,6 +259,8 @@ def decode_indices(blob: bytes, expected: int | None = None) -> np.ndarray:
         out[nz] = vals + 1
         return out
     if mode == _MODE_RANS:
+        if n > _max_symbols(len(payload)):
+            raise ValueError(f"a {len(payload)}-byte rANS stream claims {n} codes, more than the format allows")
         return decode_rans(payload, n)
     raise ValueError(f"unknown index-stream mode {mode}")
 

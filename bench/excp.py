@@ -10,7 +10,12 @@ Measured in one run, all on this machine, single process (torch.set_num_threads(
   * quality: validation loss of every reconstructed checkpoint vs the uncompressed one; and runs that
     resume >= 5 times from reconstructed checkpoints vs an uninterrupted run, with Adam betas
     (0.9, 0.95) and (0.9, 0.999);
-  * ablations on the same series: no residual, weight-only pruning, uniform quantization, 2/3/4/8 bits;
+  * ablations on the same series: no residual, weight-only pruning, uniform quantization, 2/3/4/8 bits,
+    zstd layouts only (the coding before rANS), bit budgets (``target_bits_per_param``);
+  * per code stream (weight codes + mask, m codes + mask, v codes): bits per symbol spent vs the
+    empirical order-0 entropy, with rANS and with the zstd layouts only (bench/excp_streams.py);
+  * rate modes: bits per parameter of each delta under alpha and under a bit budget at gradient
+    scales 0.01, 1 and 100;
   * speed: encode / decode MB/s of raw checkpoint tensors.
 Writes bench/results/excp.json and bench/results/excp.png.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import sys
@@ -33,12 +39,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import zstandard  # noqa: E402
+from excp_streams import entropy_coding_report, gradient_scale_report  # noqa: E402
 from excp_workload import Workload, evaluate, full_workload, quick_workload, train  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from callbacks.excp.decoder import decode_sequence  # noqa: E402
 from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
 from common.atomic import atomic_save_figure, atomic_write_bytes, atomic_write_json  # noqa: E402
+
+ZSTD_ONLY = "zstd layouts only (before rANS)"
+ZSTD_ONLY_SPARSE = "alpha 5e-3, zstd layouts only"
+DEFAULT = "excp 4-bit (method)"
 
 # ----------------------------------------------------------------------------------------------
 
@@ -86,9 +97,7 @@ def encode_series(
     return rows
 
 
-def large_tensor_speed(
-    ckpts: list[dict[str, Any]], names: list[str], settings: ExCPSettings
-) -> dict[str, float]:
+def large_tensor_speed(ckpts: list[dict[str, Any]], names: list[str], settings: ExCPSettings) -> dict[str, float]:
     """Codec throughput without per-tensor overhead: the real last two checkpoints' W, m, v, each
     flattened into one vector, tiled to >= 4M elements (the size of a 135M model's larger tensors) and
     shuffled by one shared permutation, so that zstd cannot cheat on the repetition."""
@@ -159,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]  # speeds are only comparable at similar machine load
     wl = quick_workload() if args.quick else full_workload()
     print(f"workload: {wl.name}, {wl.steps} steps, checkpoint every {wl.interval}")
     tmp = Path(tempfile.mkdtemp(prefix="excp-bench-"))
@@ -250,7 +260,7 @@ def main() -> None:
 
     # ---- ablations on the same series
     variants = {
-        "excp 4-bit (method)": default,
+        DEFAULT: default,
         "2-bit": replace(default, bits_w=2, bits_m=2, bits_v=2),
         "3-bit": replace(default, bits_w=3, bits_m=3, bits_v=3),
         "8-bit": replace(default, bits_w=8, bits_m=8, bits_v=8),
@@ -260,10 +270,19 @@ def main() -> None:
         "linear-domain v (paper)": replace(default, v_log_domain=False),
         "alpha 5e-4": replace(default, alpha=5e-4),
         "alpha 5e-3": replace(default, alpha=5e-3),
+        ZSTD_ONLY: replace(default, entropy_coder="zstd"),
+        "target 2 bits/param": replace(default, target_bits_per_param=2.0),
+        "target 1 bit/param": replace(default, target_bits_per_param=1.0),
+        ZSTD_ONLY_SPARSE: replace(default, alpha=5e-3, entropy_coder="zstd"),
     }
     ablations = []
+    folders = {DEFAULT: tmp / "excp"}
+    series_rows: dict[str, list[dict[str, Any]]] = {}
     for name, st in variants.items():
-        rows = excp_rows if st == default else encode_series(ckpts, st, names, tmp / f"abl-{len(ablations)}")
+        if st != default:
+            folders[name] = tmp / f"abl-{len(ablations)}"
+        rows = excp_rows if st == default else encode_series(ckpts, st, names, folders[name])
+        series_rows[name] = rows
         d_rows = [(i, r) for i, r in enumerate(rows) if not r["stats"]["keyframe"]]
         deltas_rel = []
         for i, r in d_rows:
@@ -284,6 +303,11 @@ def main() -> None:
             f"ablation {name:24s}: median delta ratio {ablations[-1]['delta_ratio_median']:7.1f}x, "
             f"reconstructed val loss {ablations[-1]['val_loss_delta_rel_mean'] * 100:+.2f}% (mean)"
         )
+
+    series_paths = {name: [folder / f"ckpt-{i}.excp" for i in range(len(ckpts))] for name, folder in folders.items()}
+    pairs = {"": (DEFAULT, ZSTD_ONLY), "_alpha_5e-3": ("alpha 5e-3", ZSTD_ONLY_SPARSE)}
+    entropy_coding = entropy_coding_report(series_paths, ablations, series_rows, per_ckpt, pairs)
+    rate_control = gradient_scale_report(ckpts, names, default, 2.0, tmp / "rate")
 
     lossy_resume = {
         k: {
@@ -320,6 +344,8 @@ def main() -> None:
         },
         "sparsity_median": {k: statistics.median(r["sparsity"][k] for r in deltas) for k in ("w", "m")},
         "reconstructed_val_loss_delta_rel_max": max(r["val_loss_delta_rel"] for r in per_ckpt),
+        "entropy_coding": entropy_coding,
+        "rate_control": rate_control,
         "per_checkpoint": per_ckpt,
         "lossy_resume": lossy_resume,
         "ablations": ablations,
@@ -327,6 +353,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cpu": platform.processor(),
+            "load_average_1m_at_start_and_end": [load_at_start, os.getloadavg()[0]],
         },
         "threads": 1,
         "wall_s": time.perf_counter() - t_start,

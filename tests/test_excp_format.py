@@ -10,7 +10,7 @@ import torch
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.decoder import decode_sequence, load_checkpoint
 from callbacks.excp.encoder import ExCPEncoder
-from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, read_header
+from callbacks.excp.fileformat import FORMAT_VERSION, ExCPFile, ExCPFormatError, read_header
 from callbacks.excp.references import REFS_DIR, chain_paths, collect_garbage, retire
 from common.atomic import atomic_write_bytes
 
@@ -47,7 +47,7 @@ def _write(tmp_path, n, interval=10):
 def test_header_carries_settings_index_and_reference(tmp_path):
     _, paths = _write(tmp_path, 2)
     h0, h1 = read_header(paths[0]), read_header(paths[1])
-    assert h0["format_version"] == 1 and h0["kind"] == "keyframe" and h0["ref"] is None
+    assert h0["format_version"] == FORMAT_VERSION == 2 and h0["kind"] == "keyframe" and h0["ref"] is None
     assert h1["kind"] == "delta" and h1["ref"]["file_id"] == h0["file_id"]
     assert h1["ref"]["sha256"] == ExCPFile.open(paths[0]).sha256
     assert h1["settings"]["bits_w"] == 4 and [e["name"] for e in h1["entries"]] == ["w", "b"]

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("alpha", "beta", "cap"):
         c.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
+    c.add_argument(
+        "--target-bits-per-param",
+        type=float,
+        default=None,
+        help="bit budget of each delta's W+m+v per parameter (instead of --alpha, whatever the gradient scale)",
+    )
+    c.add_argument("--entropy-coder", choices=["auto", "zstd"], default=defaults.entropy_coder)
     c.add_argument("--quantizer", choices=["kmeans", "uniform"], default=defaults.quantizer)
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
     d.add_argument("inputs", nargs="+", type=Path, help=".excp files")
@@ -138,6 +145,8 @@ def _compress(args: argparse.Namespace) -> None:
         threads=args.threads,
         zstd_level=args.zstd_level,
         alpha=args.alpha,
+        target_bits_per_param=args.target_bits_per_param,
+        entropy_coder=args.entropy_coder,
         beta=args.beta,
         cap=args.cap,
         quantizer=args.quantizer,

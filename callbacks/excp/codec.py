@@ -4,11 +4,13 @@ For one parameter tensor W with optional Adam moments m (``exp_avg``) and v (``e
 delta coder follows the method's notes exactly:
 
 1. residual against the *reconstructed* previous weights: ``dW = W_t - W^_{t-1}`` (closed loop);
-2. weight mask: ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))``;
+2. weight mask: ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))`` (the method), or, with
+   ``target_bits_per_param``, the ``|dW|`` threshold whose coded W, m, v fit that budget
+   (:mod:`callbacks.excp.rate`);
 3. momentum mask: ``|m| > beta * mean(|m|)`` AND the weight mask; v uses m's mask;
 4. per-stream 1-D k-means with ``2**bits - 1`` fp32 centroids, code 0 meaning "pruned";
-5. the code streams are entropy-coded with the nested masks exploited: m's codes are stored only
-   at the weight mask's survivors and v's only at m's survivors.
+5. the code streams are entropy-coded (zstd layouts or rANS, whichever is smaller) with the nested
+   masks exploited: m's codes are stored only at the weight mask's survivors and v's only at m's.
 
 Reconstruction is ``W^_t = W^_{t-1} + dequant(dW)`` computed with the same ops in the encoder and the
 decoder, so the decoder reproduces the encoder's tracked reference bit for bit.
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from callbacks.excp.quantize import (
+    CODERS,
     assign,
     decode_indices,
     decode_lossless,
@@ -33,9 +36,18 @@ from callbacks.excp.quantize import (
     kmeans_1d,
     uniform_levels,
 )
+from callbacks.excp.rate import fit_budget
 from common.errors import UserFacingError
 
 __all__ = ["ExCPSettings", "ParamCode", "decode_param", "encode_param_delta", "encode_param_keyframe"]
+
+
+DEFAULT_ALPHA = 5e-5
+"""The paper's weight-mask scale."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,12 @@ class ExCPSettings:
         bits_w: bits per code of the weight residual stream (``2**bits - 1`` centroids + "pruned").
         bits_m: bits per code of the first-moment stream.
         bits_v: bits per code of the second-moment stream.
-        alpha: weight-mask scale ``alpha / sqrt(mean(v))`` (paper default 5e-5).
+        alpha: weight-mask scale ``alpha / sqrt(mean(v))`` (the method's rate rule; None means the
+            paper's 5e-5 unless ``target_bits_per_param`` is set). How much it prunes depends on the
+            gradient scale (loss scaling, clipping, model size), so a file's size is not known in advance.
+        target_bits_per_param: instead of ``alpha``, a budget in bits per parameter for the coded W,
+            m and v of every delta tensor (e.g. 2.0 for ~48x vs fp32 W+m+v): each tensor's ``|dW|``
+            threshold is chosen to meet it whatever the gradient scale. Set ``alpha`` to None with it.
         beta: momentum-mask threshold in units of ``mean(|m|)`` (paper default 2.0).
         cap: upper bound of the weight-mask factor (2.5 in the reference code).
         no_v_factor: weight-mask factor for tensors without a second moment (SGD, frozen weights):
@@ -62,6 +79,9 @@ class ExCPSettings:
         kmeans_sample: fit each codebook on at most this many values.
         kmeans_iters: maximum Lloyd iterations.
         zstd_level: zstd level of the quantized index streams.
+        entropy_coder: ``"auto"`` (each code stream takes the smaller of the zstd layouts and rANS with
+            its own frequencies, which reaches the order-0 entropy) or ``"zstd"`` (zstd layouts only:
+            faster to decode, up to ~15% larger on sparse streams).
         lossless_level: zstd level of lossless (keyframe) byte planes; 1 is measured smaller and faster
             than higher levels on float byte planes.
         threads: tensors encoded in parallel (torch and zstd release the GIL).
@@ -71,7 +91,8 @@ class ExCPSettings:
     bits_w: int = 4
     bits_m: int = 4
     bits_v: int = 4
-    alpha: float = 5e-5
+    alpha: float | None = None
+    target_bits_per_param: float | None = None
     beta: float = 2.0
     cap: float = 2.5
     no_v_factor: float = 1.0
@@ -84,6 +105,7 @@ class ExCPSettings:
     kmeans_sample: int = 65536
     kmeans_iters: int = 25
     zstd_level: int = 3
+    entropy_coder: str = "auto"
     lossless_level: int = 1
     threads: int = 1
     seed: int = 0
@@ -97,10 +119,30 @@ class ExCPSettings:
             raise UserFacingError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
         if self.keyframe_interval < 1:
             raise UserFacingError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
-        if self.alpha <= 0 or self.beta < 0 or self.cap <= 0 or self.no_v_factor < 0:
-            raise UserFacingError("ExCP alpha and cap must be > 0, beta and no_v_factor >= 0")
+        self._check_rate_mode()
+        if self.beta < 0 or self.cap <= 0 or self.no_v_factor < 0:
+            raise UserFacingError("ExCP cap must be > 0, beta and no_v_factor >= 0")
+        if self.entropy_coder not in CODERS:
+            raise UserFacingError(f"ExCP entropy_coder={self.entropy_coder!r} is invalid: use {' or '.join(CODERS)}")
         if self.threads < 1 or self.kmeans_sample < 16 or self.kmeans_iters < 1:
             raise UserFacingError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
+
+    def _check_rate_mode(self) -> None:
+        target, alpha = self.target_bits_per_param, self.alpha
+        if target is not None and alpha is not None:
+            raise UserFacingError(
+                f"ExCP alpha={alpha} and target_bits_per_param={target} are two rate modes: set one of them "
+                "(alpha: null to use the bit budget)"
+            )
+        if target is not None and not (_is_number(target) and 0 < target <= 32 and math.isfinite(target)):
+            raise UserFacingError(f"ExCP target_bits_per_param={target!r} is invalid: use a number in (0, 32]")
+        if alpha is not None and not (_is_number(alpha) and alpha > 0 and math.isfinite(alpha)):
+            raise UserFacingError(f"ExCP alpha={alpha!r} is invalid: use a number > 0 (or null with a bit budget)")
+
+    @property
+    def weight_alpha(self) -> float:
+        """The ``alpha`` of the method's weight rule (the paper's 5e-5 when unset)."""
+        return DEFAULT_ALPHA if self.alpha is None else float(self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for the file header)."""
@@ -131,9 +173,9 @@ class ParamCode:
 _CB_HEAD = struct.Struct("<I")
 
 
-def _stream_blob(codebook: torch.Tensor, codes: np.ndarray, level: int) -> bytes:
+def _stream_blob(codebook: torch.Tensor, codes: np.ndarray, s: ExCPSettings) -> bytes:
     cb = codebook.to(torch.float32).contiguous().numpy()
-    return _CB_HEAD.pack(cb.size) + cb.tobytes() + encode_indices(codes, level=level)
+    return _CB_HEAD.pack(cb.size) + cb.tobytes() + encode_indices(codes, level=s.zstd_level, coder=s.entropy_coder)
 
 
 def _read_stream(blob: bytes, expected: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -181,7 +223,7 @@ def _weight_factor(v: torch.Tensor | None, s: ExCPSettings) -> float:
     mean_v = float(v.mean(dtype=torch.float64))
     if not mean_v > 0 or not math.isfinite(mean_v):
         return s.cap
-    return min(s.cap, s.alpha / math.sqrt(mean_v))
+    return min(s.cap, s.weight_alpha / math.sqrt(mean_v))
 
 
 def encode_param_keyframe(
@@ -218,58 +260,120 @@ def encode_param_delta(
             and the momentum streams are shrunk with an all-ones weight mask).
         m: first moment (``exp_avg`` or SGD ``momentum_buffer``) or None.
         v: second moment (``exp_avg_sq``) or None.
-        s: codec settings.
+        s: codec settings (``alpha`` or ``target_bits_per_param`` sets the weight mask).
         generator: RNG for the k-means samples.
     """
     w = w.detach().cpu().contiguous()
     n = w.numel()
     m = None if m is None else m.detach().cpu().contiguous().reshape(-1)
     v = None if v is None else v.detach().cpu().contiguous().reshape(-1)
+    if m is None and v is not None:
+        raise ValueError("a second moment without a first moment cannot be coded jointly")
     if ref is None:
-        w_blob = encode_lossless(w, level=s.lossless_level)
-        recon = w.clone()
-        wmask = torch.ones(n, dtype=torch.bool)
-        w_mode = "lossless"
+        codes = _quantize_streams(None, torch.ones(n, dtype=torch.bool), m, v, s, generator)
+        w_blob, recon, w_mode = encode_lossless(w, level=s.lossless_level), w.clone(), "lossless"
     else:
         cd = _compute_dtype(w.dtype)
         base = ref.detach().cpu().reshape(-1).to(cd) if s.residual else torch.zeros(n, dtype=cd)
         dw = w.reshape(-1).to(cd) - base
-        if n:
-            absdw = dw.abs()
-            wmask = absdw > absdw.median() * _weight_factor(v, s)
+        if s.target_bits_per_param is not None:
+            codes = _fit_budget(dw, m, v, s, generator)
         else:
-            wmask = torch.zeros(0, dtype=torch.bool)
-        cb, codes = _quantize(dw[wmask], s.bits_w, s, generator, log_domain=False)
-        idx = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(codes))
-        w_blob = _stream_blob(cb, idx.numpy(), s.zstd_level)
+            wmask = dw.abs() > dw.abs().median() * _weight_factor(v, s) if n else torch.zeros(0, dtype=torch.bool)
+            codes = _quantize_streams(dw, wmask, m, v, s, generator)
+        assert codes.cb_w is not None and codes.idx_w is not None
+        w_blob = _blobs(codes, s)["w"]
         # the decoder's exact expression, so both sides hold the same bits (closed loop)
-        recon = (base + _with_zero(cb).to(cd)[idx.int()]).to(w.dtype).reshape(w.shape)
+        idx = torch.from_numpy(codes.idx_w)
+        recon = (base + _with_zero(codes.cb_w).to(cd)[idx.int()]).to(w.dtype).reshape(w.shape)
         w_mode = "delta" if s.residual else "absolute"
-    kept_w = int(wmask.sum())
-    m_blob = v_blob = None
+    blobs = _blobs(codes, s)
+    m_blob, v_blob = blobs.get("m"), blobs.get("v")
+    v_floor = _pruned_mean(v, codes.kept_v) if v is not None and s.v_floor else 0.0
+    return ParamCode(w_blob, m_blob, v_blob, w_mode, recon, n, codes.kept_w, codes.kept_m, v_floor)
+
+
+@dataclass
+class _Codes:
+    """Codebooks and code streams of one tensor before they are entropy-coded."""
+
+    cb_w: torch.Tensor | None
+    idx_w: np.ndarray | None  # n codes, 0 = pruned
+    cb_m: torch.Tensor | None
+    idx_m: np.ndarray  # one code per weight survivor
+    cb_v: torch.Tensor | None
+    idx_v: np.ndarray  # one code per m survivor
+    kept_v: torch.Tensor  # where v is stored (m's survivors), over the whole tensor
+    kept_w: int
+    kept_m: int
+    blobs: dict[str, bytes] | None = None  # the coded streams ("w", "m", "v"), once made
+
+
+def _blobs(codes: _Codes, s: ExCPSettings) -> dict[str, bytes]:
+    """The entropy-coded streams of ``codes`` (made once; the rate search makes them per round)."""
+    if codes.blobs is None:
+        codes.blobs = {key: _stream_blob(cb, idx, s) for key, cb, idx in _streams(codes)}
+    return codes.blobs
+
+
+def _streams(codes: _Codes) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """(key, codebook, codes) of the W, m, v streams present, in that order (W absent when lossless)."""
+    streams = (("w", codes.cb_w, codes.idx_w), ("m", codes.cb_m, codes.idx_m), ("v", codes.cb_v, codes.idx_v))
+    return [(key, cb, idx) for key, cb, idx in streams if cb is not None and idx is not None]
+
+
+def _momentum_candidates(m: torch.Tensor | None, s: ExCPSettings) -> torch.Tensor | None:
+    """Where the momentum criterion alone keeps m (all True without it); None without m."""
+    if m is None:
+        return None
+    if not s.momentum_criterion or m.numel() == 0:
+        return torch.ones(m.numel(), dtype=torch.bool)
+    return m.abs() > s.beta * float(m.abs().mean(dtype=torch.float64))
+
+
+def _quantize_streams(
+    dw: torch.Tensor | None,
+    wmask: torch.Tensor,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    s: ExCPSettings,
+    gen: torch.Generator,
+) -> _Codes:
+    """Quantize the weight residual (None: stored losslessly) at ``wmask`` and the nested moments."""
+    n = wmask.numel()
+    cb_w = idx_w = None
+    if dw is not None:
+        cb_w, codes_w = _quantize(dw[wmask], s.bits_w, s, gen, log_domain=False)
+        idx_w = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(codes_w)).numpy()
+    cb_m = cb_v = None
+    idx_m = idx_v = np.zeros(0, dtype=np.uint8)
+    kept_v = torch.zeros(n, dtype=torch.bool)
     kept_m = 0
-    if m is not None:
-        mw = m[wmask].float()
-        if s.momentum_criterion:
-            thr = s.beta * float(m.abs().mean(dtype=torch.float64)) if n else 0.0
-            mkeep = mw.abs() > thr
-        else:
-            mkeep = torch.ones(mw.numel(), dtype=torch.bool)
-        cb_m, codes_m = _quantize(mw[mkeep], s.bits_m, s, generator, log_domain=False)
-        idx_m = torch.zeros(mw.numel(), dtype=torch.uint8).masked_scatter_(mkeep, torch.from_numpy(codes_m))
-        m_blob = _stream_blob(cb_m, idx_m.numpy(), s.zstd_level)
+    candidates = _momentum_candidates(m, s)
+    if m is not None and candidates is not None:
+        mkeep = candidates[wmask]
+        cb_m, codes_m = _quantize(m[wmask].float()[mkeep], s.bits_m, s, gen, log_domain=False)
+        idx_m = torch.zeros(mkeep.numel(), dtype=torch.uint8).masked_scatter_(mkeep, torch.from_numpy(codes_m)).numpy()
         kept_m = int(mkeep.sum())
+        kept_v[wmask] = mkeep
         if v is not None:
-            kept_v = torch.zeros(n, dtype=torch.bool)
-            kept_v[wmask] = mkeep
-            vv = v[kept_v].float()
-            cb_v, codes_v = _quantize(vv, s.bits_v, s, generator, log_domain=s.v_log_domain)
-            v_blob = _stream_blob(cb_v, codes_v, s.zstd_level)
-            v_floor = _pruned_mean(v, kept_v) if s.v_floor else 0.0
-            return ParamCode(w_blob, m_blob, v_blob, w_mode, recon, n, kept_w, kept_m, v_floor)
-    elif v is not None:
-        raise ValueError("a second moment without a first moment cannot be coded jointly")
-    return ParamCode(w_blob, m_blob, v_blob, w_mode, recon, n, kept_w, kept_m)
+            cb_v, idx_v = _quantize(v[kept_v].float(), s.bits_v, s, gen, log_domain=s.v_log_domain)
+    return _Codes(cb_w, idx_w, cb_m, idx_m, cb_v, idx_v, kept_v, int(wmask.sum()), kept_m)
+
+
+def _fit_budget(
+    dw: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, s: ExCPSettings, gen: torch.Generator
+) -> _Codes:
+    """Codes of ``dw`` whose coded size meets ``target_bits_per_param * numel`` (see :func:`fit_budget`)."""
+    assert s.target_bits_per_param is not None
+
+    def quantize(wmask: torch.Tensor) -> tuple[_Codes, int]:
+        codes = _quantize_streams(dw, wmask, m, v, s, gen)
+        return codes, 8 * sum(map(len, _blobs(codes, s).values()))
+
+    bits = (s.bits_w, s.bits_m, s.bits_v)
+    budget = s.target_bits_per_param * dw.numel()
+    return fit_budget(dw.abs(), _momentum_candidates(m, s), v is not None, budget, bits, quantize, gen)
 
 
 def _pruned_mean(v: torch.Tensor, kept: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from callbacks.excp.blockwise8bit import expand_8bit_states
 from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe
 from callbacks.excp.fileformat import build_file
 from callbacks.excp.quantize import dtype_name, encode_lossless
+from callbacks.excp.rate import SMALL_NUMEL
 from callbacks.excp.references import reference_available
 from callbacks.excp.split import (
     CheckpointSplit,
@@ -35,6 +36,8 @@ from callbacks.excp.threads import intra_op_threads
 
 __all__ = ["Encoded", "ExCPEncoder"]
 
+_MIN_SHARE = 0.01
+"""Bits per parameter the large tensors of a delta get at least, when small ones spent the whole budget."""
 _STAT_KEYS = ("numel", "kept_w", "kept_m", "numel_m", "numel_v", "bytes_w", "bytes_m", "bytes_v")
 
 
@@ -190,21 +193,39 @@ class ExCPEncoder:
     def _code_params(self, entries: list[ParamEntry], keyframe: bool) -> list[ParamCode]:
         settings = self.settings
 
-        def code(position: int, entry: ParamEntry) -> ParamCode:
-            if keyframe:
-                return encode_param_keyframe(entry.weight, entry.first_moment, entry.second_moment, settings)
+        def reference(entry: ParamEntry) -> torch.Tensor | None:
             previous = self._reference_weights.get(entry.name) if self._reference_weights is not None else None
             if previous is not None and (previous.shape != entry.weight.shape or previous.dtype != entry.weight.dtype):
-                previous = None
-            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + position)
-            return encode_param_delta(
-                entry.weight, previous, entry.first_moment, entry.second_moment, settings, generator
-            )
+                return None
+            return previous
 
-        if settings.threads > 1 and len(entries) > 1:
-            with ThreadPoolExecutor(settings.threads) as pool:
-                return list(pool.map(code, range(len(entries)), entries))
-        return [code(i, entry) for i, entry in enumerate(entries)]
+        def code(position: int, entry: ParamEntry, s: ExCPSettings) -> ParamCode:
+            if keyframe:
+                return encode_param_keyframe(entry.weight, entry.first_moment, entry.second_moment, s)
+            generator = torch.Generator().manual_seed(s.seed * 1_000_003 + position)
+            moments = (entry.first_moment, entry.second_moment)
+            return encode_param_delta(entry.weight, reference(entry), *moments, s, generator)
+
+        def code_all(positions: list[int], s: ExCPSettings) -> list[ParamCode]:
+            if s.threads > 1 and len(positions) > 1:
+                with ThreadPoolExecutor(s.threads) as pool:
+                    return list(pool.map(lambda i: code(i, entries[i], s), positions))
+            return [code(i, entries[i], s) for i in positions]
+
+        everything = list(range(len(entries)))
+        if keyframe or settings.target_bits_per_param is None:
+            return code_all(everything, settings)
+        # bit budget: tensors whose cost the budget does not set (small ones keep every residual,
+        # new ones are stored losslessly) go first; the rest share what the delta's budget has left
+        fixed = [i for i in everything if entries[i].weight.numel() <= SMALL_NUMEL or reference(entries[i]) is None]
+        scaled = sorted(set(everything) - set(fixed))
+        codes = dict(zip(fixed, code_all(fixed, settings), strict=True))
+        spent = sum(8 * (len(c.w) + len(c.m or b"") + len(c.v or b"")) for c in codes.values())
+        budget = settings.target_bits_per_param * sum(entries[i].weight.numel() for i in everything)
+        left = max(1, sum(entries[i].weight.numel() for i in scaled))
+        share = min(32.0, max(_MIN_SHARE, (budget - spent) / left))
+        codes.update(zip(scaled, code_all(scaled, replace(settings, target_bits_per_param=share)), strict=True))
+        return [codes[i] for i in everything]
 
     def _header(self, coded: _CodedTensors, split: CheckpointSplit, meta: dict[str, Any] | None) -> dict[str, Any]:
         """The file's index; appends the extras and the skeleton to ``coded.records``."""

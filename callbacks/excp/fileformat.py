@@ -38,7 +38,9 @@ __all__ = [
 
 MAGIC = b"EXCPv1\r\n"
 END_MAGIC = b"EXCP-END"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: code streams may be rANS-coded (index-stream mode 4). Version-1 files hold only the zstd
+layouts, which this reader still decodes; a reader older than a file refuses it in one line."""
 _PREFIX = struct.Struct("<8sII")
 _CRC = struct.Struct("<I")
 _TRAILER = 32 + len(END_MAGIC)

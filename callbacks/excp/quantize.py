@@ -5,9 +5,10 @@ Three building blocks, each with one job:
 * :func:`kmeans_1d` / :func:`uniform_levels` fit the codebook of one stream of one tensor. 1-D k-means
   is solved on a *sorted* sample, so one Lloyd iteration is a handful of ``searchsorted`` calls on
   prefix sums (O(k log n)) instead of an n x k distance matrix: k-means never dominates encode time.
-* :func:`encode_indices` / :func:`decode_indices` entropy-code a uint8 index stream with zstd:
+* :func:`encode_indices` / :func:`decode_indices` entropy-code a uint8 index stream: zstd on
   bit-packed codes when dense, an "occupancy bitmap + packed nonzero codes" layout when sparse
-  (measured: the split layout wins below ~50-60% density, packing above; a one-byte tag says which).
+  (measured: the split layout wins below ~50-60% density, packing above), or rANS with the stream's
+  own frequencies (:mod:`callbacks.excp.entropy`), whichever is smallest; a one-byte tag says which.
 * :func:`encode_lossless` / :func:`decode_lossless` store a float tensor exactly: its bytes are
   regrouped by significance (all byte-0s, then all byte-1s, ...) before zstd, as ZipNN does, so the
   highly repetitive exponent bytes compress well and the noisy mantissa bytes do not spoil them.
@@ -21,6 +22,8 @@ import struct
 import numpy as np
 import torch
 import zstandard
+
+from callbacks.excp.entropy import decode_rans, encode_rans
 
 __all__ = [
     "assign",
@@ -123,7 +126,9 @@ def assign(values: torch.Tensor, codebook: torch.Tensor, *, log_domain: bool = F
 # Index streams
 # ----------------------------------------------------------------------------------------------
 
-_MODE_BYTES, _MODE_PACKED, _MODE_SPLIT, _MODE_CONST = 0, 1, 2, 3
+_MODE_BYTES, _MODE_PACKED, _MODE_SPLIT, _MODE_CONST, _MODE_RANS = 0, 1, 2, 3, 4
+CODERS = ("auto", "zstd")
+"""``auto``: the smallest of the zstd layouts and rANS (file format 2); ``zstd``: the zstd layouts only."""
 _IDX_HEAD = struct.Struct("<BBQ")  # mode, bits, count
 
 
@@ -155,12 +160,13 @@ def _bits_for(max_code: int) -> int:
     return max(1, int(max_code).bit_length())
 
 
-def encode_indices(idx: np.ndarray, *, level: int = 3) -> bytes:
+def encode_indices(idx: np.ndarray, *, level: int = 3, coder: str = "auto") -> bytes:
     """Entropy-code a uint8 code stream where 0 means "pruned"; returns a self-describing blob.
 
-    The smallest of three zstd layouts is kept: plain bytes (zstd's Huffman + runs), bit-packed
-    codes, or an occupancy bitmap followed by the bit-packed nonzero codes (best when most codes
-    are 0, as in the momentum streams).
+    The smallest layout is kept: bit-packed codes or an occupancy bitmap followed by the bit-packed
+    nonzero codes (both zstd'd; the split one is best when most codes are 0), and with
+    ``coder="auto"`` rANS over the codes with the stream's own frequencies, which reaches the
+    order-0 entropy where zstd's byte-oriented coding does not (sparse masks, skewed codes).
     """
     idx = np.ascontiguousarray(idx, dtype=np.uint8).reshape(-1)
     n = idx.size
@@ -179,6 +185,12 @@ def encode_indices(idx: np.ndarray, *, level: int = 3) -> bytes:
         vbits = _bits_for(int(vals.max())) if vals.size else 1
         vblob = cctx.compress(_pack(vals, vbits))
         candidates = [(_MODE_SPLIT, struct.pack("<BQ", vbits, len(occ)) + occ + vblob)]
+    if coder == "auto":
+        rans = encode_rans(idx)
+        if rans is not None and n <= _max_symbols(len(rans)):  # else the reader would refuse it
+            candidates.append((_MODE_RANS, rans))
+    elif coder != "zstd":
+        raise ValueError(f"unknown index coder {coder!r}; use one of {CODERS}")
     mode, payload = min(candidates, key=lambda c: len(c[1]))
     return _IDX_HEAD.pack(mode, bits, n) + payload
 
@@ -202,6 +214,12 @@ def bounded_decompress(frame: bytes | memoryview, limit: int) -> bytes:
     if declared == 0 or limit == 0:
         return b""
     return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+
+
+def _max_symbols(payload_bytes: int) -> int:
+    """Most codes a stream of this many bytes may hold: zstd's own bound, so that no stream, whatever
+    its coder, lets a few bytes of a crafted file claim (and make the reader allocate) far more."""
+    return MAX_ZSTD_EXPANSION * payload_bytes + (1 << 17)
 
 
 def decode_indices(blob: bytes, expected: int | None = None) -> np.ndarray:
@@ -240,6 +258,10 @@ def decode_indices(blob: bytes, expected: int | None = None) -> np.ndarray:
         out = np.zeros(n, dtype=np.uint8)
         out[nz] = vals + 1
         return out
+    if mode == _MODE_RANS:
+        if n > _max_symbols(len(payload)):
+            raise ValueError(f"a {len(payload)}-byte rANS stream claims {n} codes, more than the format allows")
+        return decode_rans(payload, n)
     raise ValueError(f"unknown index-stream mode {mode}")
 
 

@@ -94,7 +94,8 @@ class ExCP(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        prepare_strategy(strategy)  # refuses strategies that bypass the CheckpointIO; routes FSDP2 loading
+        # refuses strategies ExCP cannot serve; routes FSDP2 loading and DeepSpeed's checkpoint folders
+        prepare_strategy(strategy, self.settings, self._on_save)
         current = strategy.checkpoint_io  # the public property: a TorchCheckpointIO unless a plugin is set
         if isinstance(current, ExCPCheckpointIO) and current is not self._io:
             if current.settings != self.settings:

@@ -7,7 +7,10 @@ Run by ``tests/strategy_matrix_job.py`` as the extra component ``excp_deepspeed`
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from callbacks.excp import is_excp_file
 from common.hf_loading import tiny_llama_config
 from common.run_outputs import gather_objects
 
@@ -55,7 +59,6 @@ def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def _files(folder: Path) -> dict[str, Any]:
     """Kinds and sizes of a checkpoint folder's engine files, against the ordinary files they decode to."""
-    from callbacks.excp import is_excp_file
     from callbacks.excp.deepspeed_files import engine_files, read_engine_file
     from callbacks.excp.fileformat import read_header
     from callbacks.excp.references import chain_paths
@@ -75,6 +78,23 @@ def _files(folder: Path) -> dict[str, Any]:
     return out
 
 
+def _decompress_in_a_fresh_process(folder: Path, output: Path) -> dict[str, Any]:
+    """``python -m callbacks.excp decompress`` where deepspeed is not imported yet (it imports it for the types)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    done = subprocess.run([sys.executable, "-m", "callbacks.excp", "decompress", str(folder), "-o", str(output)],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          timeout=300)
+    restored = output / folder.name
+    states = restored / "checkpoint" / "mp_rank_00_model_states.pt"
+    return {
+        "returncode": done.returncode,
+        "stderr": done.stderr[-2000:],
+        "plain": states.is_file() and not is_excp_file(states),
+        "global_step": torch.load(states, weights_only=False)["global_step"] if states.is_file() else None,
+        "files": sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file()),
+    }
+
+
 def run_excp_deepspeed(name: str, root: Path, trainer: Any, text_data: Any) -> dict[str, Any]:
     """Fit 4 steps (checkpoints every 2, top-1 + last), delete the step-4 folder, resume from last to 6."""
     from callbacks.excp import ExCP
@@ -92,6 +112,7 @@ def run_excp_deepspeed(name: str, root: Path, trainer: Any, text_data: Any) -> d
     out: dict[str, Any] = {"folders_after_fit": sorted(p.name for p in ckpt.iterdir())}
     if first.is_global_zero:
         out["files"] = _files(ckpt / "last.ckpt")
+        out["cli"] = _decompress_in_a_fresh_process(ckpt / "last.ckpt", root / "decompressed")
         out["history"] = [{k: h[k] for k in ("step", "keyframe", "twin", "file_bytes", "ratio")} for h in excp.history]
         shutil.rmtree(ckpt / "epoch=0-step=4.ckpt")  # the folder last.ckpt's chain started in
     first.strategy.barrier("deleted")

@@ -156,3 +156,16 @@ def test_train_py_refuses_an_excp_deepspeed_folder_without_the_callback_in_one_l
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "ExCP-coded DeepSpeed files" in errors[0] and "Traceback" not in stderr, stderr
+
+
+def test_cli_decompresses_a_folder_into_what_the_engine_wrote(tmp_path):
+    from callbacks.excp.cli import main
+
+    chains = DeepSpeedChains(ExCPSettings())
+    folder = _save(chains, tmp_path / "ckpt" / "last.ckpt", 2, _engine_files(2, torch.Generator().manual_seed(3)))
+    (folder / "zero_to_fp32.py").write_text("# the engine's script\n")
+    assert main(["decompress", str(folder), "-o", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out" / "last.ckpt"
+    assert not has_excp_files(out) and (out / "zero_to_fp32.py").is_file() and (out / "latest").is_file()
+    assert torch.load(out / "checkpoint" / MODEL, weights_only=False)["global_steps"] == 2
+    assert main(["decompress", str(folder), "-o", str(tmp_path / "out")]) == 1  # never replaced without --force

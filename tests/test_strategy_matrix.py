@@ -149,6 +149,9 @@ def test_excp_deepspeed_stage2_compresses_rotates_and_resumes(matrix: Path) -> N
         assert f["chain"] == ["keyframe", "twin", "delta", "twin"], (name, f["chain"])  # step 2, last, step 4, last
         assert f["chain_bytes"] < f["plain_bytes"] / 5, (name, f)  # the delta against the engine's own file
         assert f["bytes"] < f["plain_bytes"] / 50, (name, f)  # last.ckpt: a same-step twin stores no tensors
+    cli = cell["cli"]  # `python -m callbacks.excp decompress last.ckpt`: the folder as the engine wrote it
+    assert cli["returncode"] == 0 and cli["plain"] and cli["global_step"] == 4, cli
+    assert "latest" in cli["files"] and "zero_to_fp32.py" in cli["files"], cli["files"]
     kinds = [(h["step"], h["keyframe"], h["twin"]) for h in cell["history"]]
     assert kinds == [(2, 1.0, 0.0), (2, 0.0, 1.0), (4, 0.0, 0.0), (4, 0.0, 1.0)]
     assert cell["resumed_global_step"] == 6

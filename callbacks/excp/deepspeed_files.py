@@ -224,6 +224,7 @@ def restore_files(source: Path, destination: Path, rank: int, world_size: int) -
     Files are shared out by position (any world size), each decoded through its chain with safe
     unpickling. Plain engine files are hard-linked. Rank 0 also copies ``latest``.
     """
+    destination.mkdir(parents=True, exist_ok=True)
     if rank == 0 and (source / "latest").is_file():
         shutil.copyfile(source / "latest", destination / "latest")
     for index, path in enumerate(engine_files(source)):

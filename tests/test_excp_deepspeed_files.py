@@ -169,3 +169,12 @@ def test_cli_decompresses_a_folder_into_what_the_engine_wrote(tmp_path):
     assert not has_excp_files(out) and (out / "zero_to_fp32.py").is_file() and (out / "latest").is_file()
     assert torch.load(out / "checkpoint" / MODEL, weights_only=False)["global_steps"] == 2
     assert main(["decompress", str(folder), "-o", str(tmp_path / "out")]) == 1  # never replaced without --force
+
+
+def test_the_wandb_artifact_takes_deepspeed_folders_whole(tmp_path):
+    from callbacks.excp.callback import artifact_entries
+
+    chains = DeepSpeedChains(ExCPSettings())
+    folder = _save(chains, tmp_path / "last.ckpt", 2, _engine_files(2, torch.Generator().manual_seed(4)))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert artifact_entries([str(tmp_path)]) == [(folder, "last.ckpt")]

@@ -7,10 +7,7 @@ Run by ``tests/strategy_matrix_job.py`` as the extra component ``excp_deepspeed`
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +75,15 @@ def _files(folder: Path) -> dict[str, Any]:
     return out
 
 
-def _decompress_in_a_fresh_process(folder: Path, output: Path) -> dict[str, Any]:
-    """``python -m callbacks.excp decompress`` where deepspeed is not imported yet (it imports it for the types)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
-    done = subprocess.run([sys.executable, "-m", "callbacks.excp", "decompress", str(folder), "-o", str(output)],
-                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
-                          timeout=300)
+def _decompress(folder: Path, output: Path) -> dict[str, Any]:
+    """``python -m callbacks.excp decompress <folder>`` (in this process: a fresh one pays DeepSpeed's import)."""
+    from callbacks.excp.cli import main
+
+    returncode = main(["decompress", str(folder), "-o", str(output)])
     restored = output / folder.name
     states = restored / "checkpoint" / "mp_rank_00_model_states.pt"
     return {
-        "returncode": done.returncode,
-        "stderr": done.stderr[-2000:],
+        "returncode": returncode,
         "plain": states.is_file() and not is_excp_file(states),
         "global_step": torch.load(states, weights_only=False)["global_step"] if states.is_file() else None,
         "files": sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file()),
@@ -112,7 +107,7 @@ def run_excp_deepspeed(name: str, root: Path, trainer: Any, text_data: Any) -> d
     out: dict[str, Any] = {"folders_after_fit": sorted(p.name for p in ckpt.iterdir())}
     if first.is_global_zero:
         out["files"] = _files(ckpt / "last.ckpt")
-        out["cli"] = _decompress_in_a_fresh_process(ckpt / "last.ckpt", root / "decompressed")
+        out["cli"] = _decompress(ckpt / "last.ckpt", root / "decompressed")
         out["history"] = [{k: h[k] for k in ("step", "keyframe", "twin", "file_bytes", "ratio")} for h in excp.history]
         shutil.rmtree(ckpt / "epoch=0-step=4.ckpt")  # the folder last.ckpt's chain started in
     first.strategy.barrier("deleted")

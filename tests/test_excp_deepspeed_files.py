@@ -178,3 +178,26 @@ def test_the_wandb_artifact_takes_deepspeed_folders_whole(tmp_path):
     folder = _save(chains, tmp_path / "last.ckpt", 2, _engine_files(2, torch.Generator().manual_seed(4)))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert artifact_entries([str(tmp_path)]) == [(folder, "last.ckpt")]
+
+
+@pytest.mark.slow
+def test_cli_imports_deepspeed_only_for_files_that_hold_its_types(tmp_path, monkeypatch):
+    """A real DeepSpeed LossScaler in the skeleton: a fresh CLI process must import deepspeed to allow it (~30 s)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    files = _engine_files(2, torch.Generator().manual_seed(5))
+    files[OPTIM]["optimizer_state_dict"]["loss_scaler"] = LossScaler(scale=4.0)
+    folder = _save(DeepSpeedChains(ExCPSettings()), tmp_path / "last.ckpt", 2, files)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "callbacks.excp", "decompress", str(folder), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    restored = torch.load(tmp_path / "out" / "last.ckpt" / "checkpoint" / OPTIM, weights_only=False)
+    assert restored["optimizer_state_dict"]["loss_scaler"].cur_scale == 4.0

@@ -6,9 +6,10 @@ The DeepSpeed engine writes one folder per checkpoint (``<dir>/latest``, ``<dir>
   (``single_partition_of_fp32_groups``) and Adam's ``exp_avg``/``exp_avg_sq`` of the same partitions
   (``base_optimizer_state``). They become the codec's W, m and v, one entry per parameter group, so
   weight-momentum joint pruning applies exactly as for a Lightning checkpoint.
-* ``mp_rank_00_model_states.pt`` (rank 0): the module weights (W without moments; under ZeRO-2 they
-  duplicate the fp32 partitions, which the engine copies back over them on load) and Lightning's client
-  state (loops, schedulers, callbacks, hyperparameters), kept exactly.
+* ``mp_rank_00_model_states.pt`` (rank 0): the module weights (W without moments, chained like the
+  partitions; they hold the same values as the fp32 partitions, are decoded separately, serve the first
+  forward after a resume, and the engine's next step overwrites them from the partitions) and Lightning's
+  client state (loops, schedulers, callbacks, hyperparameters), kept exactly.
 
 Everything that is not one of those tensors stays where it was (the "skeleton", safe pickle types only).
 Each checkpoint folder is self-contained: the files a delta's chain needs are hard-linked into its

@@ -63,7 +63,15 @@ class LumenCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} is an ExCP file: add the callbacks.excp.ExCP callback to the config, "
                 "or write it back as a .ckpt with `python -m callbacks.excp decompress`"
             )
-        hparams = read_hyperparameters(ckpt_path)
+        if os.path.isdir(ckpt_path):  # a DeepSpeed checkpoint folder (ExCP-coded or as the engine wrote it)
+            from callbacks.excp.deepspeed_files import folder_hyperparameters, has_excp_files
+
+            if has_excp_files(Path(ckpt_path)) and not _has_excp_callback(self.config[subcommand]):
+                raise UserFacingError(f"--ckpt_path {ckpt_path} holds ExCP-coded DeepSpeed files: add the "
+                                      "callbacks.excp.ExCP callback to the config")
+            hparams = folder_hyperparameters(Path(ckpt_path))
+        else:
+            hparams = read_hyperparameters(ckpt_path)
         hparams.pop("_instantiator", None)
         if not hparams:
             return

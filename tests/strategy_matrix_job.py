@@ -41,6 +41,8 @@ from tests.strategy_shims import CPUDeepSpeedStrategy, CPUFSDPStrategy  # noqa: 
 
 SHIMS = {"FSDPStrategy": CPUFSDPStrategy, "DeepSpeedStrategy": CPUDeepSpeedStrategy}
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
+# Checks that only one strategy needs, run after its components (same processes, no extra launch).
+EXTRA_COMPONENTS = {"deepspeed_stage2": ("excp_deepspeed",)}
 
 
 def _resolve(value: Any) -> Any:
@@ -94,6 +96,7 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callbacks.excp import ExCP, is_excp_file
+    from callbacks.excp.deepspeed_files import has_excp_files
     from lightning_modules.causal_lm import CausalLMModule
 
     def module() -> CausalLMModule:
@@ -117,9 +120,9 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
                                                save_last=True)])
         t.fit(module(), datamodule=_text_data())
     last = ckpt_dir / "last.ckpt"
-    out["last_is_excp"] = last.is_file() and is_excp_file(last)
+    out["last_is_excp"] = is_excp_file(last) if last.is_file() else has_excp_files(last)  # DeepSpeed: a folder
     callbacks = [ExCP(print_summary=False, log_stats=False)] if out["excp"] == "compressed" else []
-    if out["last_is_excp"]:
+    if out["last_is_excp"] and last.is_file():
         out["restored_equals_decoded"] = _restored_equals_decoded(name, root, module(), last)
     resumed = trainer(name, root, max_steps=6, limit_val_batches=1, val_check_interval=2, callbacks=callbacks,
                       enable_checkpointing=False)
@@ -188,6 +191,12 @@ def run_honesty_probe(name: str, root: Path) -> dict[str, Any]:
     return {"results": honesty_results(probe)}
 
 
+def run_excp_deepspeed(name: str, root: Path) -> dict[str, Any]:
+    from tests.excp_deepspeed_checks import run_excp_deepspeed as run
+
+    return run(name, root, trainer, _text_data)
+
+
 def main() -> None:
     names, out = sys.argv[1].split(","), Path(sys.argv[2])
     components = sys.argv[3].split(",") if len(sys.argv) > 3 else COMPONENTS
@@ -195,7 +204,8 @@ def main() -> None:
     for name in names:
         out_dir = out / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        for component in components:
+        extra = EXTRA_COMPONENTS.get(name, ()) if len(sys.argv) <= 3 else ()
+        for component in (*components, *extra):
             L.seed_everything(0, verbose=False)
             start = time.perf_counter()
             try:

@@ -134,10 +134,17 @@ def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
         ExCP().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
 
     class DeepSpeedStrategy(DDPStrategy):  # stands in for the real one, which needs deepspeed installed
-        pass
+        def __init__(self, stage: int) -> None:
+            super().__init__()
+            self.config = {"zero_optimization": {"stage": stage}}
 
-    with pytest.raises(UserFacingError, match="the DeepSpeed engine writes and reads its own checkpoint folders"):
-        ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy()), None, "fit")
+    with pytest.raises(UserFacingError, match="ZeRO stage 2 only, not stage 3: stage 3 shards the module weights"):
+        ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy(3)), None, "fit")
+    with pytest.raises(UserFacingError, match="ZeRO stage 2 only, not stage 1: its checkpoint files"):
+        ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy(1)), None, "fit")
+    stage2 = DeepSpeedStrategy(2)  # its folders are compressed: save, load and remove go through ExCP
+    ExCP().setup(SimpleNamespace(strategy=stage2), None, "fit")
+    assert stage2._excp_deepspeed_routed and stage2.save_checkpoint.__qualname__.startswith("route_deepspeed")
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 

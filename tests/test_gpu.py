@@ -32,12 +32,12 @@ def _needs_cuda() -> None:
     assert torch.cuda.is_available(), "these checks need a CUDA GPU: run them with `pytest -m gpu` on one"
 
 
-def _fit(tmp_path: Path, *configs: str, extra: list[str] | None = None) -> L.Trainer:
+def _fit(tmp_path: Path, *configs: str, extra: list[str] | None = None, ckpt_path: str | None = None) -> L.Trainer:
     overrides = [*TINY, f"--trainer.default_root_dir={tmp_path}",
                  "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
                  f"--trainer.callbacks.dirpath={tmp_path}/ckpt", *(extra or [])]
     cli = parse_config("configs/quickstart.yaml", *configs, overrides=overrides)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli.trainer
 
 
@@ -53,9 +53,15 @@ def test_fsdp_fit_bf16(tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/loss"])))
 
 
-def test_deepspeed_fit_and_excp_refuses_it(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="ExCP cannot compress checkpoints under DeepSpeedStrategy"):
-        _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml")
+def test_deepspeed_stage2_fit_writes_excp_folders_and_resumes(tmp_path: Path) -> None:
+    from callbacks.excp.deepspeed_files import has_excp_files
+
+    trainer = _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml")
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert trainer.global_step == 4 and last.is_dir() and has_excp_files(last)
+    resumed = _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml", extra=["--trainer.max_steps=6"],
+                   ckpt_path=str(last))
+    assert resumed.global_step == 6
 
 
 def test_adamw8bit_trains_on_cuda(tmp_path: Path) -> None:

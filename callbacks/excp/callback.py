@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
+from callbacks.excp.deepspeed_files import has_excp_files
 from callbacks.excp.fileformat import is_excp_file
 from callbacks.excp.references import REFS_DIR
 from callbacks.excp.sharded import prepare_strategy
@@ -95,7 +96,8 @@ class ExCP(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        prepare_strategy(strategy)  # refuses strategies that bypass the CheckpointIO; routes FSDP2 loading
+        # refuses strategies ExCP cannot serve; routes FSDP2 loading and DeepSpeed's checkpoint folders
+        prepare_strategy(strategy, self.settings, self._on_save)
         current = strategy.checkpoint_io  # the public property: a TorchCheckpointIO unless a plugin is set
         if isinstance(current, ExCPCheckpointIO) and current is not self._io:
             if current.settings != self.settings:
@@ -192,14 +194,25 @@ class ExCP(Callback):
 
         run = loggers[0].experiment
         art = wandb.Artifact(f"excp-checkpoints-{run.id}", type="model", metadata=summary)
-        for d in summary["directories"]:
-            d = Path(d)
-            for f in sorted(d.iterdir()):
-                if f.is_file() and is_excp_file(f):
-                    art.add_file(str(f), name=f.name)
-            if (d / REFS_DIR).is_dir():
-                art.add_dir(str(d / REFS_DIR), name=REFS_DIR)
+        for path, name in artifact_entries(summary["directories"]):
+            if path.is_dir():
+                art.add_dir(str(path), name=name)
+            else:
+                art.add_file(str(path), name=name)
         run.log_artifact(art)
+
+
+def artifact_entries(directories: list[str]) -> list[tuple[Path, str]]:
+    """What an artifact of the checkpoints in ``directories`` holds: ExCP files, DeepSpeed folders of ExCP
+    files (each carries its chain in ``checkpoint/.excp_refs/``) and the ``.excp_refs/`` chain files."""
+    entries = []
+    for d in map(Path, directories):
+        for f in sorted(d.iterdir()):
+            if (f.is_file() and is_excp_file(f)) or (f.is_dir() and has_excp_files(f)):
+                entries.append((f, f.name))
+        if (d / REFS_DIR).is_dir():
+            entries.append((d / REFS_DIR, REFS_DIR))
+    return entries
 
 
 def _print_summary(s: dict[str, Any]) -> None:

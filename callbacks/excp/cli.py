@@ -2,7 +2,9 @@
 
 * ``compress INPUT... -o DIR``: Lightning ``.ckpt`` files and/or Hugging Face Trainer checkpoint
   folders, ordered by training step, coded as one chain (``DIR/<name>.excp``).
-* ``decompress FILE.excp... -o DIR``: writes each back in its original format (``.ckpt`` or folder).
+* ``decompress FILE.excp... -o DIR``: writes each back in its original format (``.ckpt`` or folder); a
+  DeepSpeed checkpoint folder with ExCP files becomes the folder the engine wrote (``DIR/<name>``), which
+  DeepSpeed's ``zero_to_fp32.py`` reads (needs the ``deepspeed`` package for its file types).
 * ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity and the chain
   (every file of the chain is verified; a corrupt ancestor is an error).
 
@@ -24,7 +26,7 @@ from typing import Any, NoReturn
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.decoder import decode_sequence, open_chain
 from callbacks.excp.encoder import ExCPEncoder
-from callbacks.excp.fileformat import ExCPFile, is_excp_file
+from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.formats import (
     HF_TRAINER,
     LIGHTNING,
@@ -71,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--entropy-coder", choices=["auto", "zstd"], default=defaults.entropy_coder)
     c.add_argument("--quantizer", choices=["kmeans", "uniform"], default=defaults.quantizer)
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
-    d.add_argument("inputs", nargs="+", type=Path, help=".excp files")
+    d.add_argument("inputs", nargs="+", type=Path, help=".excp files and/or DeepSpeed checkpoint folders")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder to write into")
     for command in (c, d):
         command.add_argument(
@@ -177,7 +179,44 @@ def _output_name(path: Path) -> Path:
     return Path(path.stem if fmt == HF_TRAINER else path.stem + ".ckpt")
 
 
+def _decompress_deepspeed(folder: Path, output: Path, force: bool) -> None:
+    import importlib
+    import shutil
+
+    from callbacks.excp.deepspeed_files import has_excp_files, restore_files
+    from common.atomic import atomic_directory
+
+    if not has_excp_files(folder):
+        raise UserFacingError(f"{folder} is a folder without ExCP-coded DeepSpeed files (*/*_states.pt)")
+    target = output / folder.name
+    if target.exists() and not force:
+        raise UserFacingError(f"{target} exists; pass --force to replace it")
+    for attempt in range(2):
+        try:
+            with atomic_directory(target) as staging:
+                restore_files(folder, staging, rank=0, world_size=1)
+                for extra in folder.iterdir():  # zero_to_fp32.py and other top-level files the engine wrote
+                    if extra.is_file() and not (staging / extra.name).exists():
+                        shutil.copy2(extra, staging / extra.name)
+            break
+        except ExCPFormatError as error:
+            if attempt or "needs deepspeed." not in str(error):
+                raise
+            try:  # DeepSpeed's loss-scaler and stage records are allowed once it is imported (slow: only now)
+                importlib.import_module("deepspeed")
+            except ImportError:
+                raise UserFacingError(
+                    f"{folder} holds DeepSpeed's own types: decoding it needs the deepspeed package"
+                ) from None
+    print(f"{folder} -> {target}")
+
+
 def _decompress(args: argparse.Namespace) -> None:
+    for folder in [p for p in args.inputs if p.is_dir()]:
+        _decompress_deepspeed(folder, args.output, args.force)
+    args.inputs = [p for p in args.inputs if not p.is_dir()]
+    if not args.inputs:
+        return
     outputs = {src: args.output / _output_name(src) for src in args.inputs}
     _check_outputs(list(args.inputs), list(outputs.values()), args.output, args.force, keep_excp=True)
     weights_only = not args.trust_pickles

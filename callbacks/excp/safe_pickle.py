@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import re
+import sys
 from typing import Any
 
 import torch
@@ -46,6 +47,15 @@ SAFE_GLOBAL_NAMES = (
 )
 """Types a Lightning training checkpoint of this project holds besides torch's own allow-list."""
 
+LOADED_ONLY_GLOBAL_NAMES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""Plain-data types of DeepSpeed's ZeRO checkpoint files (loss scaler settings, stage enum, slice records),
+allowed only once ``deepspeed`` is imported (by the strategy), so reading other checkpoints never imports it."""
+
 
 class UnsafePickleError(ValueError):
     """The metadata needs a type outside the allow-list (it may run code); the message names it."""
@@ -66,6 +76,8 @@ def safe_globals() -> list[Any]:
         obj = _resolve(dotted)
         if obj is not None:
             resolved.append((obj, dotted) if getattr(obj, "__module__", None) != dotted.rpartition(".")[0] else obj)
+    if "deepspeed" in sys.modules:
+        resolved += [obj for obj in map(_resolve, LOADED_ONLY_GLOBAL_NAMES) if obj is not None]
     return resolved
 
 

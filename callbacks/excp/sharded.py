@@ -5,6 +5,8 @@
   loader reads files with ``torch.load(mmap=True)`` instead of the CheckpointIO, so :func:`prepare_strategy`
   routes ExCP files through the codec (every rank decodes the chain) and loads the full state into the
   sharded model and optimizer the way Lightning does for a plain full checkpoint.
+* ``DeepSpeedStrategy`` with ZeRO stage 2: the engine's checkpoint folders are compressed after it
+  writes them and restored before it loads (:mod:`callbacks.excp.deepspeed_strategy`).
 * Everything else that saves or loads outside the CheckpointIO is refused at setup in one line.
 """
 
@@ -15,16 +17,22 @@ from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
+from callbacks.excp.codec import ExCPSettings
+from callbacks.excp.deepspeed_strategy import SaveListener, route_deepspeed
 from callbacks.excp.fileformat import is_excp_file
 from common.errors import UserFacingError
 
 # Strategies that save or load without going through the strategy's CheckpointIO (by class name, so that
 # no optional package such as DeepSpeed is imported to check).
 _BYPASSING = {
-    "DeepSpeedStrategy": "the DeepSpeed engine writes and reads its own checkpoint folders",
     "FSDPStrategy": "FSDP (FSDP1) saves sharded checkpoints with torch.distributed.checkpoint and loads full ones "
     "with torch.load; use ModelParallelStrategy (configs/trainer/fsdp2.yaml) with save_distributed_checkpoint: false",
     "XLAStrategy": "XLA saves through its own xm.save path",
+}
+
+# Why ExCP refuses the other ZeRO stages (stage 2's files are what callbacks.excp.deepspeed_files maps).
+_DEEPSPEED_STAGES = {
+    3: "stage 3 shards the module weights themselves into per-rank flat groups, which ExCP does not map",
 }
 
 
@@ -32,8 +40,8 @@ class ExCPStrategyError(UserFacingError):
     """ExCP cannot compress the checkpoints of the configured strategy; the message says what to use."""
 
 
-def prepare_strategy(strategy: Strategy) -> None:
-    """Refuse strategies whose checkpoints bypass the CheckpointIO; route FSDP2 full-state loading through ExCP."""
+def prepare_strategy(strategy: Strategy, settings: ExCPSettings, on_save: SaveListener | None = None) -> None:
+    """Refuse strategies ExCP cannot serve; route FSDP2 full-state loading and DeepSpeed folders through ExCP."""
     for cls in type(strategy).__mro__:
         if cls.__name__ in _BYPASSING:
             raise ExCPStrategyError(
@@ -47,6 +55,15 @@ def prepare_strategy(strategy: Strategy) -> None:
                 "save_distributed_checkpoint: false (configs/trainer/fsdp2.yaml does) or remove the ExCP callback"
             )
         _route_full_loading(strategy)
+    if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
+        stage = strategy.config.get("zero_optimization", {}).get("stage", 0) if strategy.config else 0
+        if stage != 2:
+            why = _DEEPSPEED_STAGES.get(stage, "its checkpoint files are laid out differently and are not mapped")
+            raise ExCPStrategyError(
+                f"ExCP compresses DeepSpeed checkpoints under ZeRO stage 2 only, not stage {stage}: {why}; use "
+                "configs/trainer/deepspeed_stage2.yaml or remove the ExCP callback"
+            )
+        route_deepspeed(strategy, settings, on_save)
 
 
 def _route_full_loading(strategy: ModelParallelStrategy) -> None:

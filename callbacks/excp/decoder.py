@@ -60,10 +60,15 @@ def _decode_entry(
     name = entry["name"]
     shape = tuple(int(d) for d in entry["shape"])
     base = None
-    if entry["w_mode"] == "delta":
+    if entry["w_mode"] != "lossless":
+        # a quantized stream holds one code per element of the shape the header claims: only the
+        # reference (decoded earlier, bounded by its own bytes) can vouch for that shape. The encoder
+        # writes "absolute" (no-residual) entries only where the reference has the tensor, too.
         base = (reference or {}).get(name)
         if base is None or tuple(base.shape) != shape:
-            raise ExCPFormatError(file.path, f"tensor {name} is a delta but its reference lacks it")
+            raise ExCPFormatError(
+                file.path, f"tensor {name} is quantized against a reference that lacks it or has another shape"
+            )
     first, second = entry.get("m"), entry.get("v")
     return decode_param(
         kind=file.header["kind"],

@@ -11,10 +11,10 @@ weight difference of a resumed run. Counts, not timings, are the result.
     execution (a planted pickle's marker file appeared). Each read's peak resident growth (reset per
     read, torch tensors included: tests/peak_memory.py) is compared with 2x the larger of the same
     reader's peak on the clean chain and the chain's size on disk. Mutations: bench/excp_mutations.py.
-  * kills: tests/excp_kill_child.py (AdamW training saving through ChainStore as ModelCheckpoint
-    would: step=N.ckpt top-2 and last.ckpt every step) is SIGKILLed at random instants, half of them
-    while a save is in flight; every checkpoint it had saved must load, and the next run resumes
-    from last.ckpt.
+  * kills: tests/excp_kill_child.py (a Lightning Trainer with the ExCP callback; ModelCheckpoint saves
+    step=N.ckpt top-2 and last.ckpt every step) is SIGKILLed at random instants, half of them
+    while a save is in flight; every checkpoint it had saved must load, last.ckpt must exist once
+    its first save finished, and the next run resumes from it.
   * resume: a tiny CausalLM run resumed from a plain mid-epoch checkpoint vs the uninterrupted run
     (max |weight difference|).
 
@@ -189,7 +189,9 @@ def fuzz(files: int, seed: int) -> dict[str, Any]:
 
 
 def kills(trials: int, seed: int) -> dict[str, Any]:
+    """SIGKILL a Trainer run with the ExCP callback ``trials`` times (even trials inside a save); audit each."""
     rng = random.Random(seed)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="excp-kill-") as tmp:
         folder = Path(tmp)
         saved: set[str] = set()
@@ -197,6 +199,8 @@ def kills(trials: int, seed: int) -> dict[str, Any]:
         resumed_from, final = finish(folder)
     consistent = all(b.resumed_from == a.last_step for a, b in zip(results, results[1:], strict=False))
     return {
+        "child": "tests/excp_kill_child.py: Lightning Trainer + ExCP callback, ModelCheckpoint every step "
+        "(save_top_k=2 on the step, save_last=True), MLP with AdamW, resumed from last.ckpt by trainer.fit",
         "trials": trials,
         "killed_while_a_save_was_in_flight": sum(t.killed_during_save for t in results),
         "checkpoints_expected": sum(t.expected for t in results),
@@ -204,10 +208,13 @@ def kills(trials: int, seed: int) -> dict[str, Any]:
         "checkpoints_lost": sum(len(t.lost) for t in results),
         "lost": [line for t in results for line in t.lost][:10],
         "trials_with_last_ckpt": sum(t.last_step is not None for t in results),
+        "trials_after_a_finished_last_ckpt_save": sum(t.last_expected for t in results),
+        "trials_missing_last_ckpt_after_its_first_save": sum(t.last_expected and t.last_step is None for t in results),
         "each_run_resumed_from_previous_last_ckpt": consistent,
         "final_run_resumed_from": resumed_from,
         "final_run_reached": final,
         "stale_temporaries_seen_after_kills": sum(t.stale_temporaries for t in results),
+        "seconds": time.perf_counter() - started,
     }
 
 

@@ -31,12 +31,12 @@ Mutation = Callable[[], tuple[str, Path, bool]]
 
 
 class Campaign:
-    """One clean chain (keyframe, two deltas of a ``size`` x ``size`` Adam-trained weight) and its mutations."""
+    """One clean chain (keyframe, two deltas of a ``size`` x ``size`` weight with Adam moments) and its mutations."""
 
     def __init__(self, folder: Path, seed: int, size: int = 256) -> None:
         self.folder = folder
         self.rng = random.Random(seed)
-        self.paths = write_chain(folder, 3, size=size)
+        self.paths = write_chain(folder, 3, size=size, first_step=1)  # a noisy keyframe: inspect reads ~1 MB
         self.originals = {p: p.read_bytes() for p in self.paths}
         self.chain_bytes = sum(len(b) for b in self.originals.values())
         self.marker = folder / "MARKER"

@@ -152,11 +152,17 @@ def checkpoint(step: int, size: int = 24) -> dict[str, Any]:
     }
 
 
-def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24) -> list[Path]:
-    """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths."""
+def write_chain(
+    folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24, first_step: int = 0
+) -> list[Path]:
+    """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths.
+
+    ``first_step=0`` gives a keyframe of constant weights (a few KB); from step 1 on, weights are noisy
+    and a keyframe is about as large as its tensors.
+    """
     encoder = ExCPEncoder(ExCPSettings(keyframe_interval=keyframe_interval, kmeans_sample=256))
     paths = []
-    for step in range(count):
+    for step in range(first_step, first_step + count):
         path = folder / f"step{step}.ckpt"
         encoded = encoder.encode(checkpoint(step, size), target=path)
         atomic_write_bytes(path, encoded.data)

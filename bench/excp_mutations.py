@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from collections.abc import Callable
 from pathlib import Path
+
+import zstandard
 
 from callbacks.excp.fileformat import read_header
 from tests.excp_crafting import (
@@ -40,6 +43,7 @@ class Campaign:
         self.originals = {p: p.read_bytes() for p in self.paths}
         self.chain_bytes = sum(len(b) for b in self.originals.values())
         self.marker = folder / "MARKER"
+        self._zero_frames: dict[int, bytes] = {}
 
     def mutations(self) -> list[tuple[Mutation, int]]:
         """Every mutation with its weight in the random draw."""
@@ -50,6 +54,7 @@ class Campaign:
             (self.craft_header, 20),
             (self.craft_record, 15),
             (self.claim_size, 6),
+            (self.claim_lossless, 4),
             (self.plant, 4),
             (self.cycle, 3),
             (self.header_length, 3),
@@ -115,6 +120,25 @@ class Campaign:
         data = replace_record(data, header["entries"][index]["rec_w"], constant_stream(count))
         target.write_bytes(rewrite(data, lambda h: h["entries"][index].update(w_mode=mode, shape=[count])))
         return "size_claim", self.paths[-1], True
+
+    def claim_lossless(self) -> tuple[str, Path, bool]:
+        """The last delta stores a tensor losslessly as zstd frames of zeros (a few KB) claiming a huge shape.
+
+        zstd honestly expands such frames up to 32,768x, so only the size cap of callbacks/excp/bounds.py
+        stands between the claim and the allocation (a crafted keyframe would fail its dependent's hash).
+        """
+        data = self.paths[-1].read_bytes()
+        header, _ = split_file(data)
+        index = self.rng.randrange(len(header["entries"]))
+        count = self.rng.choice([2**16, 2**20, 2**22, 2**24])
+        if count not in self._zero_frames:
+            self._zero_frames[count] = zstandard.ZstdCompressor(level=19).compress(bytes(count))
+        frame = self._zero_frames[count]
+        record = struct.pack("<B4Q", 4, *[len(frame)] * 4) + frame * 4  # four fp32 byte planes
+        data = replace_record(data, header["entries"][index]["rec_w"], record)
+        lossless = {"w_mode": "lossless", "shape": [count], "dtype": "float32"}
+        self.paths[-1].write_bytes(rewrite(data, lambda h: h["entries"][index].update(lossless)))
+        return "lossless_claim", self.paths[-1], True
 
     def plant(self) -> tuple[str, Path, bool]:
         target = self.rng.choice(self.paths)

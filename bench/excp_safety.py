@@ -294,7 +294,10 @@ def main() -> None:
         result["resume"] = resume_difference()
         print("resume", result["resume"], flush=True)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
-    result["wall_s"] = time.perf_counter() - started
+    if keep:  # the other parts' figures (and wall time) are from the run that wrote --out before
+        result.setdefault("reruns", []).append({"parts": sorted(parts), "wall_s": time.perf_counter() - started})
+    else:
+        result["wall_s"] = time.perf_counter() - started
     atomic_write_json(args.out, result)
 
 

@@ -9,6 +9,8 @@ tensors included: tests/peak_memory.py).
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import zstandard
 
@@ -75,3 +77,27 @@ def test_the_meter_sees_torch_tensors_and_resets_per_block():
         pass
     # the kernel's resident counters lag by up to a few hundred KiB (per-thread batching)
     assert big.bytes >= 63 << 20 and empty.bytes < 1 << 20
+
+
+def _zero_planes(count: int) -> bytes:
+    """A lossless fp32 record: four zstd frames of ``count`` zero bytes each (a few KB for 16M elements)."""
+    frame = zstandard.ZstdCompressor(level=19).compress(bytes(count))
+    return struct.pack("<B4Q", 4, *[len(frame)] * 4) + frame * 4
+
+
+@needs_meter
+def test_a_keyframe_claiming_a_huge_constant_tensor_is_refused_unless_trusted(tmp_path):
+    """zstd expands a frame up to 32,768x: a 4 KB keyframe of 16M zeros made the reader allocate 285 MB."""
+    path = write_chain(tmp_path, 1, size=64)[0]
+    bound = 2 * max(_clean_peak(path), path.stat().st_size)
+    data = path.read_bytes()
+    header, _ = split_file(data)
+    index = next(i for i, e in enumerate(header["entries"]) if e["name"] == "b")
+    data = replace_record(data, header["entries"][index]["rec_w"], _zero_planes(1 << 24))
+    path.write_bytes(rewrite(data, lambda h: h["entries"][index].update(shape=[1 << 24])))
+    with peak_memory.PeakResident() as meter, pytest.raises(ExCPFormatError) as caught:
+        load_checkpoint(path)
+    assert meter.bytes <= bound, f"{meter.bytes} bytes allocated, bound {bound}"
+    assert "\n" not in str(caught.value) and "losslessly stored" in str(caught.value)
+    # the caller who trusts the file gets what it encodes
+    assert load_checkpoint(path, weights_only=False)["state_dict"]["b"].shape == (1 << 24,)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.bounds import check_lossless_size
 from callbacks.excp.codec import decode_param
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
@@ -120,7 +121,9 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
         path: an ExCP file.
         weights_only: True or None (default, safe) loads the pickled non-tensor state (hyperparameters,
             loops, ...) with ``torch.load(weights_only=True)`` and the types Lightning checkpoints
-            hold; False trusts the file completely: a crafted file then runs arbitrary code.
+            hold, and refuses files declaring far more lossless tensor bytes than their size
+            (:mod:`callbacks.excp.bounds`); False trusts the file completely: a crafted file then runs
+            arbitrary code or allocates what it claims.
 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, not the reference it should be, or
@@ -128,6 +131,7 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
     """
     with intra_op_threads():
         files = open_chain(path)
+        _check_sizes(files, trusted=weights_only is False)
         kinds = [f.header["kind"] for f in files]
         weights: Weights | None = None
         moments: Moments = {}
@@ -140,6 +144,13 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
                 moments = decoded_moments
         assert weights is not None
         return _assemble(files[-1], weights, moments, trust_pickles=weights_only is False)
+
+
+def _check_sizes(files: Sequence[ExCPFile], trusted: bool) -> None:
+    """Refuse files declaring more lossless tensor bytes than their size allows, unless the caller trusts them."""
+    if not trusted:
+        for file in files:
+            check_lossless_size(file)
 
 
 def _metadata(file: ExCPFile, trust_pickles: bool) -> Any:
@@ -203,6 +214,7 @@ def decode_sequence(
     moments: Moments = {}
     for path in map(Path, paths):
         file = ExCPFile.open(path)
+        _check_sizes([file], trust)
         kind = file.header["kind"]
         continues = (
             kind in ("delta", "twin")
@@ -214,6 +226,7 @@ def decode_sequence(
             _verify_reference(file, previous)
         elif kind in ("delta", "twin"):
             chain = open_chain(path)
+            _check_sizes(chain, trust)
             file = chain[-1]
             weights, moments = None, {}
             holders = [i for i, earlier in enumerate(chain[:-1]) if earlier.header["kind"] != "twin"]

@@ -50,7 +50,7 @@ from callbacks.excp.cli import main as cli_main  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 from tests.excp_crafting import checkpoints_equal  # noqa: E402
 from tests.excp_kill_driver import finish, run_trial  # noqa: E402
-from tests.peak_memory import PeakResident  # noqa: E402
+from tests.peak_memory import PeakResident, prepare_process  # noqa: E402
 
 HANG_SECONDS = 10
 CLEAN_READS = 5
@@ -105,6 +105,7 @@ READERS: dict[str, Callable[[Path], Any]] = {"load": load_checkpoint, "inspect":
 
 def _clean_peaks(campaign: Campaign) -> dict[str, list[int]]:
     """Each reader's peak on the unmutated chain, :data:`CLEAN_READS` times (after one warm read)."""
+    prepare_process()
     peaks: dict[str, list[int]] = {}
     for name, reader in READERS.items():
         reader(campaign.paths[-1])  # warm: lazy imports and caches are not the file's doing

@@ -8,13 +8,13 @@ weight difference of a resumed run. Counts, not timings, are the result.
     Each read ends as: an ExCPFormatError, the exact original tensors, a crafted file accepted as a
     valid checkpoint (checksums repaired, so only structure can be checked), *silent-wrong* (a broken
     checksum yet different tensors), a traceback (any other exception), a hang (> 10 s), a code
-    execution (a planted pickle's marker file appeared). Python-heap peak (tracemalloc: bytes,
-    numpy arrays, zstd output) is compared with 2x the larger of the clean decode's peak and the
-    chain's size on disk.
-  * kills: tests/excp_kill_child.py (AdamW training saving through ChainStore as ModelCheckpoint
-    would: step=N.ckpt top-2 and last.ckpt every step) is SIGKILLed at random instants, half of them
-    while a save is in flight; every checkpoint it had saved must load, and the next run resumes
-    from last.ckpt.
+    execution (a planted pickle's marker file appeared). Each read's peak resident growth (reset per
+    read, torch tensors included: tests/peak_memory.py) is compared with 2x the larger of the same
+    reader's peak on the clean chain and the chain's size on disk. Mutations: bench/excp_mutations.py.
+  * kills: tests/excp_kill_child.py (a Lightning Trainer with the ExCP callback; ModelCheckpoint saves
+    step=N.ckpt top-2 and last.ckpt every step) is SIGKILLed at random instants, half of them
+    while a save is in flight; every checkpoint it had saved must load, last.ckpt must exist once
+    its first save finished, and the next run resumes from it.
   * resume: a tiny CausalLM run resumed from a plain mid-epoch checkpoint vs the uninterrupted run
     (max |weight difference|).
 
@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
 import random
-import resource
 import signal
+import statistics
 import sys
 import tempfile
 import time
-import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,44 +44,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.excp_mutations import Campaign  # noqa: E402
 from callbacks.excp import ExCPFormatError, load_checkpoint  # noqa: E402
 from callbacks.excp.cli import main as cli_main  # noqa: E402
-from callbacks.excp.fileformat import read_header  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
-from tests.excp_crafting import (  # noqa: E402
-    checkpoints_equal,
-    planted_skeleton,
-    replace_record,
-    rewrite,
-    split_file,
-    write_chain,
-)
+from tests.excp_crafting import checkpoints_equal  # noqa: E402
 from tests.excp_kill_driver import finish, run_trial  # noqa: E402
+from tests.peak_memory import PeakResident, prepare_process  # noqa: E402
 
 HANG_SECONDS = 10
-_HUGE = [0, 1, 7, 2**16, 2**28, 2**31 - 1, 2**32, 2**40, 2**62, -1, None, "x", [], {}, [2**20, 2**20], 1.5]
-_FIELDS = [
-    ("entries", 0, "shape"),
-    ("entries", 0, "rec_w"),
-    ("entries", 0, "m"),
-    ("entries", 0, "m", "rec"),
-    ("entries", 0, "dtype"),
-    ("entries", 0, "w_mode"),
-    ("entries", 1, "shape"),
-    ("records", 0, "length"),
-    ("records", 0, "offset"),
-    ("records", -1, "length"),
-    ("extras",),
-    ("aliases",),
-    ("skeleton",),
-    ("kind",),
-    ("ref",),
-    ("ref", "name"),
-    ("ref", "file_id"),
-    ("chain_index",),
-    ("entries",),
-    ("records",),
-]
+CLEAN_READS = 5
 
 
 @contextlib.contextmanager
@@ -100,142 +70,28 @@ def _watchdog(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _set(header: dict, path: tuple, value: Any) -> None:
-    target: Any = header
-    for key in path[:-1]:
-        target = target[key]
-    if isinstance(target, dict):
-        target[path[-1]] = value
-    else:
-        target[path[-1]] = value
-
-
-class Campaign:
-    """One clean chain and the mutations applied to it, trial by trial."""
-
-    def __init__(self, folder: Path, seed: int) -> None:
-        self.folder = folder
-        self.rng = random.Random(seed)
-        self.paths = write_chain(folder, 3, size=256)
-        self.originals = {p: p.read_bytes() for p in self.paths}
-        self.chain_bytes = sum(len(b) for b in self.originals.values())
-        self.expected = load_checkpoint(self.paths[-1])
-        tracemalloc.start()
-        self.clean_peak = {}
-        for name, reader in (("load", load_checkpoint), ("inspect", _inspect)):
-            reader(self.paths[-1])  # warm: lazy imports and caches are not the file's doing
-            gc.collect()
-            tracemalloc.reset_peak()
-            start = tracemalloc.get_traced_memory()[0]
-            reader(self.paths[-1])
-            self.clean_peak[name] = _allocated_since(start)
-        self.marker = folder / "MARKER"
-
-    def restore(self) -> None:
-        for path, data in self.originals.items():
-            path.write_bytes(data)
-
-    # each mutation returns (kind, path to read, checksums repaired?)
-    def flip(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        data = bytearray(target.read_bytes())
-        for _ in range(self.rng.randint(1, 3)):
-            data[self.rng.randrange(len(data))] ^= self.rng.randint(1, 255)
-        target.write_bytes(bytes(data))
-        return "byte_flip", self.paths[-1], False
-
-    def truncate(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        data = target.read_bytes()
-        target.write_bytes(data[: self.rng.randrange(len(data))])
-        return "truncation", self.paths[-1], False
-
-    def append(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        target.write_bytes(target.read_bytes() + os.urandom(self.rng.randint(1, 4096)))
-        return "appended_bytes", self.paths[-1], False
-
-    def craft_header(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        field, value = self.rng.choice(_FIELDS), self.rng.choice(_HUGE)
-        try:
-            target.write_bytes(rewrite(target.read_bytes(), lambda h: _set(h, field, value)))
-        except (KeyError, IndexError, TypeError):
-            target.write_bytes(rewrite(target.read_bytes(), lambda h: _set(h, ("entries", 0, "shape"), [2**28])))
-        return "crafted_header", self.paths[-1], True
-
-    def craft_record(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        data = target.read_bytes()
-        header, _ = split_file(data)
-        index = self.rng.randrange(len(header["records"]))
-        blob = os.urandom(self.rng.randint(0, 256))
-        if self.rng.random() < 0.5:  # a real record from elsewhere, with one byte changed (plausible framing)
-            other, records = split_file(self.originals[self.rng.choice(self.paths)])
-            record = self.rng.choice(other["records"])
-            blob = bytearray(records[record["offset"] : record["offset"] + record["length"]])
-            if blob:
-                blob[self.rng.randrange(len(blob))] ^= self.rng.randint(1, 255)
-            blob = bytes(blob)
-        target.write_bytes(replace_record(data, index, blob))
-        return "crafted_record", self.paths[-1], True
-
-    def plant(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        data = target.read_bytes()
-        header, _ = split_file(data)
-        target.write_bytes(replace_record(data, header["skeleton"], planted_skeleton(self.marker)))
-        return "planted_pickle", self.paths[-1], True
-
-    def cycle(self) -> tuple[str, Path, bool]:
-        later = read_header(self.paths[2])
-        ref = {"file_id": later["file_id"], "sha256": "0" * 64, "name": self.paths[2].name}
-        target = self.paths[self.rng.choice([0, 1])]
-        target.write_bytes(rewrite(target.read_bytes(), lambda h: h.update(kind="delta", ref=ref)))
-        return "reference_cycle", self.paths[-1], True
-
-    def header_length(self) -> tuple[str, Path, bool]:
-        target = self.rng.choice(self.paths)
-        data = bytearray(target.read_bytes())
-        data[12:16] = self.rng.choice([2**30 + 2**26, 2**32 - 1, len(data), 2**26 + 1]).to_bytes(4, "little")
-        target.write_bytes(bytes(data))
-        return "header_length", self.paths[-1], False
-
-    def special(self) -> tuple[str, Path, bool]:
-        choice = self.rng.choice(["fifo", "zero", "dir"])
-        if choice == "fifo":
-            fifo = self.folder / f"pipe{self.rng.randrange(10**9)}"
-            os.mkfifo(fifo)
-            return "fifo", fifo, True
-        return ("dev_zero", Path("/dev/zero"), True) if choice == "zero" else ("directory", self.folder, True)
-
-
-def _allocated_since(start: int) -> int:
-    return tracemalloc.get_traced_memory()[1] - start
-
-
-def _read(campaign: Campaign, path: Path, repaired: bool, reader: Callable[[Path], Any]) -> tuple[str, int]:
-    """Outcome and bytes allocated at the peak of this read (above what was live when it started)."""
-    gc.collect()  # earlier reads' exception cycles would otherwise count against this one
-    tracemalloc.reset_peak()
-    start = tracemalloc.get_traced_memory()[0]
+def _read(expected: dict, path: Path, repaired: bool, reader: Callable[[Path], Any]) -> tuple[str, int]:
+    """Outcome and the peak resident growth of this read (reset before it: this read's own peak)."""
+    meter = PeakResident()
+    outcome = None
     try:
-        with _watchdog(HANG_SECONDS):
+        with meter, _watchdog(HANG_SECONDS):
             got = reader(path)
     except TimeoutError:
-        return "hang", _allocated_since(start)
+        outcome = "hang"
     except ExCPFormatError:
-        return "error", _allocated_since(start)
+        outcome = "error"
     except Exception as error:  # noqa: BLE001 - anything else is a traceback a user would see
-        return f"traceback:{type(error).__name__}", _allocated_since(start)
-    peak = _allocated_since(start)
+        outcome = f"traceback:{type(error).__name__}"
+    if outcome is not None:
+        return outcome, meter.bytes
     if got is None:  # the CLI path: exit code only
-        return "error", peak
+        return "error", meter.bytes
     if "inspect" in got:
-        return ("inspect_ok" if repaired else "silent_wrong"), peak
-    if checkpoints_equal(got, campaign.expected):
-        return "exact", peak
-    return ("accepted_crafted" if repaired else "silent_wrong"), peak
+        return ("inspect_ok" if repaired else "silent_wrong"), meter.bytes
+    if checkpoints_equal(got, expected):
+        return "exact", meter.bytes
+    return ("accepted_crafted" if repaired else "silent_wrong"), meter.bytes
 
 
 def _inspect(path: Path) -> Any:
@@ -244,79 +100,99 @@ def _inspect(path: Path) -> Any:
     return None if code != 0 else {"inspect": code}
 
 
+READERS: dict[str, Callable[[Path], Any]] = {"load": load_checkpoint, "inspect": _inspect}
+
+
+def _clean_peaks(campaign: Campaign) -> dict[str, list[int]]:
+    """Each reader's peak on the unmutated chain, :data:`CLEAN_READS` times (after one warm read)."""
+    prepare_process()
+    peaks: dict[str, list[int]] = {}
+    for name, reader in READERS.items():
+        reader(campaign.paths[-1])  # warm: lazy imports and caches are not the file's doing
+        peaks[name] = []
+        for _ in range(CLEAN_READS):
+            with PeakResident() as meter:
+                reader(campaign.paths[-1])
+            peaks[name].append(meter.bytes)
+    return peaks
+
+
 def fuzz(files: int, seed: int) -> dict[str, Any]:
+    """Read ``files`` mutated chains with both readers; count outcomes and compare every read's peak memory.
+
+    The bound of a read is twice the larger of the same reader's median clean peak on the unmutated chain and
+    the chain's bytes on disk: a crafted file may make a reader allocate no more than it would for the
+    real checkpoint. Every read's peak is also divided by the bytes the mutated chain has on disk (the
+    issue's "2x the file's size", which a decoder cannot meet: a delta decodes to ~10-40x its size).
+    """
     with tempfile.TemporaryDirectory(prefix="excp-safety-") as tmp:
         campaign = Campaign(Path(tmp), seed)
-        mutations = [
-            campaign.flip,
-            campaign.truncate,
-            campaign.append,
-            campaign.craft_header,
-            campaign.craft_record,
-            campaign.plant,
-            campaign.cycle,
-            campaign.header_length,
-            campaign.special,
-        ]
-        weights = [30, 15, 8, 20, 15, 4, 3, 3, 2]
+        expected = load_checkpoint(campaign.paths[-1])
+        mutations, weights = zip(*campaign.mutations(), strict=True)
+        clean = _clean_peaks(campaign)
+        typical = {name: int(statistics.median(peaks)) for name, peaks in clean.items()}
+        bound = {name: 2 * max(typical[name], campaign.chain_bytes) for name in READERS}
         outcomes: Counter = Counter()
         by_kind: dict[str, Counter] = {}
-        # what a reader of this chain may hold: twice the larger of its clean decode and its size on disk
-        limit = 2 * max(campaign.clean_peak["load"], campaign.chain_bytes)
-        bound = {"load": limit, "inspect": limit}
-        worst_vs_clean = dict.fromkeys(bound, 0.0)
-        worst_peak = 0
-        worst_ratio = 0.0
-        over_bound = 0
+        worst: dict[str, dict[str, list]] = {
+            name: {"peak_bytes": [0, None], "over_clean_peak": [0.0, None], "over_bytes_on_disk": [0.0, None]}
+            for name in READERS
+        }
+        over_bound: list[dict[str, Any]] = []
         executions = 0
         slowest = 0.0
         started = time.perf_counter()
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for _ in range(files):
             kind, path, repaired = campaign.rng.choices(mutations, weights)[0]()
-            for reader_name, reader in (("load", load_checkpoint), ("inspect", _inspect)):
+            on_disk = campaign.bytes_on_disk()
+            for name, reader in READERS.items():
                 t0 = time.perf_counter()
-                outcome, peak = _read(campaign, path, repaired, reader)
+                outcome, peak = _read(expected, path, repaired, reader)
                 slowest = max(slowest, time.perf_counter() - t0)
                 outcomes[outcome] += 1
-                by_kind.setdefault(kind, Counter())[f"{reader_name}:{outcome}"] += 1
-                worst_peak = max(worst_peak, peak)
-                worst_vs_clean[reader_name] = max(worst_vs_clean[reader_name], peak / campaign.clean_peak[reader_name])
-                if peak > bound[reader_name]:
-                    over_bound += 1
-                    by_kind[kind][f"{reader_name}:over_bound"] += 1
-                    worst_ratio = max(worst_ratio, peak / bound[reader_name] * 2)
+                by_kind.setdefault(kind, Counter())[f"{name}:{outcome}"] += 1
+                figures = {"peak_bytes": peak, "over_clean_peak": peak / typical[name]}
+                if path in campaign.paths and on_disk:
+                    figures["over_bytes_on_disk"] = peak / on_disk
+                for figure, value in figures.items():  # the largest value and the mutation that gave it
+                    worst[name][figure] = max(worst[name][figure], [value, kind], key=lambda pair: pair[0])
+                if peak > bound[name]:
+                    by_kind[kind][f"{name}:over_bound"] += 1
+                    over_bound.append({"mutation": kind, "reader": name, "outcome": outcome, "peak_bytes": peak})
             if campaign.marker.exists():
                 executions += 1
                 campaign.marker.unlink()
             if path.name.startswith("pipe"):
                 path.unlink()
             campaign.restore()
-        tracemalloc.stop()
         return {
             "files": files,
-            "reads": 2 * files,
+            "reads": len(READERS) * files,
             "outcomes": dict(outcomes),
             "by_mutation": {k: dict(v) for k, v in sorted(by_kind.items())},
             "silent_wrong": outcomes["silent_wrong"],
             "hangs": outcomes["hang"],
             "tracebacks": sum(v for k, v in outcomes.items() if k.startswith("traceback")),
             "code_executions": executions,
-            "clean_decode_peak_bytes": campaign.clean_peak,
-            "chain_bytes": campaign.chain_bytes,
-            "allocation_bound_bytes": bound,
-            "max_peak_bytes": worst_peak,
-            "reads_over_bound": over_bound,
-            "max_peak_over_limit_times_2": worst_ratio,
-            "max_peak_over_the_same_readers_clean_peak": worst_vs_clean,
-            "max_rss_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before,
+            "memory": {
+                "measure": "peak resident growth of each read, high-water mark reset per read (tests/peak_memory.py)",
+                "bound": "2 x max(the reader's median peak on the clean chain, the chain's bytes on disk)",
+                "chain_bytes_on_disk": campaign.chain_bytes,
+                "clean_peak_bytes": clean,
+                "bound_bytes": bound,
+                "reads_over_bound": len(over_bound),
+                "over_bound": over_bound[:20],
+                "worst": worst,
+            },
             "slowest_read_s": slowest,
             "seconds": time.perf_counter() - started,
         }
 
 
 def kills(trials: int, seed: int) -> dict[str, Any]:
+    """SIGKILL a Trainer run with the ExCP callback ``trials`` times (even trials inside a save); audit each."""
     rng = random.Random(seed)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="excp-kill-") as tmp:
         folder = Path(tmp)
         saved: set[str] = set()
@@ -324,6 +200,8 @@ def kills(trials: int, seed: int) -> dict[str, Any]:
         resumed_from, final = finish(folder)
     consistent = all(b.resumed_from == a.last_step for a, b in zip(results, results[1:], strict=False))
     return {
+        "child": "tests/excp_kill_child.py: Lightning Trainer + ExCP callback, ModelCheckpoint every step "
+        "(save_top_k=2 on the step, save_last=True), MLP with AdamW, resumed from last.ckpt by trainer.fit",
         "trials": trials,
         "killed_while_a_save_was_in_flight": sum(t.killed_during_save for t in results),
         "checkpoints_expected": sum(t.expected for t in results),
@@ -331,10 +209,13 @@ def kills(trials: int, seed: int) -> dict[str, Any]:
         "checkpoints_lost": sum(len(t.lost) for t in results),
         "lost": [line for t in results for line in t.lost][:10],
         "trials_with_last_ckpt": sum(t.last_step is not None for t in results),
+        "trials_after_a_finished_last_ckpt_save": sum(t.last_expected for t in results),
+        "trials_missing_last_ckpt_after_its_first_save": sum(t.last_expected and t.last_step is None for t in results),
         "each_run_resumed_from_previous_last_ckpt": consistent,
         "final_run_resumed_from": resumed_from,
         "final_run_reached": final,
         "stale_temporaries_seen_after_kills": sum(t.stale_temporaries for t in results),
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -388,15 +269,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 files, 3 kills")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "excp_safety.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/excp_safety.json (_quick.json with --quick)")
     parser.add_argument(
         "--parts", default="fuzz,kills,resume", help="comma-separated parts to (re)run; others are kept from --out"
     )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / ("excp_safety_quick.json" if args.quick else "excp_safety.json")
     files, trials = (200, 3) if args.quick else (2000, 20)
     parts = set(args.parts.split(","))
     started = time.perf_counter()
-    result: dict[str, Any] = json.loads(args.out.read_text()) if parts != {"fuzz", "kills", "resume"} else {}
+    keep = parts != {"fuzz", "kills", "resume"} and args.out.exists()
+    result: dict[str, Any] = json.loads(args.out.read_text()) if keep else {}
     result.update(
         mode="quick" if args.quick else "full",
         command="python bench/excp_safety.py" + (" --quick" if args.quick else ""),
@@ -411,7 +295,10 @@ def main() -> None:
         result["resume"] = resume_difference()
         print("resume", result["resume"], flush=True)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
-    result["wall_s"] = time.perf_counter() - started
+    if keep:  # the other parts' figures (and wall time) are from the run that wrote --out before
+        result.setdefault("reruns", []).append({"parts": sorted(parts), "wall_s": time.perf_counter() - started})
+    else:
+        result["wall_s"] = time.perf_counter() - started
     atomic_write_json(args.out, result)
 
 

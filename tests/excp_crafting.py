@@ -23,6 +23,34 @@ from common.atomic import atomic_write_bytes
 
 _PREFIX = struct.Struct("<8sII")
 
+HUGE_NUMBERS: list[int] = [0, 1, 7, 2**16, 2**28, 2**31 - 1, 2**32, 2**40, 2**62, -1]
+"""Sizes, counts and offsets a crafted header claims (edges of u32/u64 and of what fits in memory)."""
+ODD_VALUES: list[Any] = [None, "x", [], {}, [2**20, 2**20], 1.5]
+"""Values of the wrong type or shape for a header field."""
+HEADER_FIELDS: list[tuple[str | int, ...]] = [
+    ("entries", 0, "shape"),
+    ("entries", 0, "rec_w"),
+    ("entries", 0, "m"),
+    ("entries", 0, "m", "rec"),
+    ("entries", 0, "dtype"),
+    ("entries", 0, "w_mode"),
+    ("entries", 1, "shape"),
+    ("records", 0, "length"),
+    ("records", 0, "offset"),
+    ("records", -1, "length"),
+    ("extras",),
+    ("aliases",),
+    ("skeleton",),
+    ("kind",),
+    ("ref",),
+    ("ref", "name"),
+    ("ref", "file_id"),
+    ("chain_index",),
+    ("entries",),
+    ("records",),
+]
+"""Header fields a crafted file changes (paths into the header; list indices may be negative)."""
+
 
 def split_file(data: bytes) -> tuple[dict[str, Any], bytes]:
     """``(header, records bytes)`` of a well-formed ExCP file."""
@@ -35,7 +63,11 @@ def split_file(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 def assemble(header: dict[str, Any], records: bytes, version: int = 1) -> bytes:
     """File bytes with every checksum recomputed (header crc, record crcs are the caller's business)."""
-    header_bytes = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    return assemble_compressed(zstandard.ZstdCompressor().compress(json.dumps(header).encode()), records, version)
+
+
+def assemble_compressed(header_bytes: bytes, records: bytes, version: int = 1) -> bytes:
+    """File bytes around an already compressed header of any content (header crc and file hash valid)."""
     body = _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes
     body += struct.pack("<I", zlib.crc32(header_bytes)) + records
     return body + hashlib.sha256(body).digest() + END_MAGIC
@@ -59,6 +91,24 @@ def replace_record(data: bytes, index: int, blob: bytes) -> bytes:
         record.update(offset=offset, length=len(part), crc32=zlib.crc32(part))
         offset += len(part)
     return assemble(header, b"".join(parts))
+
+
+def constant_stream(count: int) -> bytes:
+    """A quantized stream (empty codebook, constant code 0) claiming ``count`` codes in 14 bytes."""
+    return struct.pack("<I", 0) + struct.pack("<BBQ", 3, 0, count)
+
+
+def set_field(header: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
+    """Set ``header[path[0]][path[1]]... = value``; list indices wrap, so every path fits some header."""
+    target: Any = header
+    for key in path[:-1]:
+        target = target[key] if isinstance(target, dict) else target[key % max(len(target), 1)]
+    if isinstance(target, list):
+        if not target:
+            raise IndexError("an empty list has no element to change")
+        target[path[-1] % len(target)] = value
+    else:
+        target[path[-1]] = value
 
 
 class Planted:
@@ -102,11 +152,17 @@ def checkpoint(step: int, size: int = 24) -> dict[str, Any]:
     }
 
 
-def write_chain(folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24) -> list[Path]:
-    """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths."""
+def write_chain(
+    folder: Path, count: int = 3, keyframe_interval: int = 10, size: int = 24, first_step: int = 0
+) -> list[Path]:
+    """``count`` files of one chain (keyframe, deltas) in ``folder``; returns their paths.
+
+    ``first_step=0`` gives a keyframe of constant weights (a few KB); from step 1 on, weights are noisy
+    and a keyframe is about as large as its tensors.
+    """
     encoder = ExCPEncoder(ExCPSettings(keyframe_interval=keyframe_interval, kmeans_sample=256))
     paths = []
-    for step in range(count):
+    for step in range(first_step, first_step + count):
         path = folder / f"step{step}.ckpt"
         encoded = encoder.encode(checkpoint(step, size), target=path)
         atomic_write_bytes(path, encoded.data)

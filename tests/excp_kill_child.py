@@ -1,13 +1,14 @@
-"""A small training run that saves ExCP checkpoints the way ModelCheckpoint does, to be SIGKILLed.
+"""A Lightning Trainer run with the ExCP callback that saves every step, to be SIGKILLed at any instant.
 
-Used by tests/test_excp_kill.py and bench/excp_safety.py. Plain torch (an MLP with AdamW on seeded
-synthetic batches) driving :class:`callbacks.excp.store.ChainStore`, the code ExCPCheckpointIO
-delegates every save and removal to, so a process starts in seconds. Per step it saves
-``step=N.ckpt`` (keeping the newest two, like ``save_top_k=2``) and then ``last.ckpt``. It prints
-``READY <step>`` once it can train, ``SAVING <path>`` before and ``SAVED <path>`` after each save,
-``REMOVING``/``REMOVED <path>`` around each removal, and ``DONE <step>`` at the end.
+Used by tests/test_excp_kill.py and bench/excp_safety.py. A small MLP (AdamW) trains on seeded
+synthetic batches; ``ModelCheckpoint`` saves ``step=N.ckpt`` every step (``save_top_k=2`` on the
+step, so the older one is removed) and ``last.ckpt``, all through ExCP's CheckpointIO (top-k files
+are keyframes and deltas; ``last.ckpt`` is a same-step twin). A rerun resumes from ``last.ckpt``
+with ``trainer.fit(ckpt_path=...)``. It prints ``READY <step>`` once training starts (after the
+resume), ``SAVING <path>`` before and ``SAVED <path>`` after each save, ``REMOVING``/``REMOVED
+<path>`` around each removal, and ``DONE <step>`` at the end.
 
-    python tests/excp_kill_child.py FOLDER --max-steps 500 [--resume]
+    python tests/excp_kill_child.py FOLDER --max-steps 500
 """
 
 from __future__ import annotations
@@ -18,76 +19,102 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from typing_extensions import override  # noqa: E402
 
-from callbacks.excp import ExCPSettings  # noqa: E402
-from callbacks.excp.store import ChainStore  # noqa: E402
-
-
-def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)
-    )
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``step`` (a function of the step alone, so a resumed run sees the same data)."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(32, 64, generator=generator)
-    return x, torch.tanh(x.flip(1))
+from callbacks.excp import ExCP, ExCPSettings  # noqa: E402
 
 
 def say(*words: object) -> None:
     print(*words, flush=True)
 
 
+class Regression(pl.LightningModule):
+    """An MLP learning a fixed map of seeded random inputs (about 86k parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = [torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU()]
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(256, 64))
+
+    @override
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        x = torch.randn(32 * 64, 64, generator=torch.Generator().manual_seed(1000))
+        return DataLoader(TensorDataset(x, torch.tanh(x.flip(1))), batch_size=32)
+
+
+class AnnouncedCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that prints every save and removal, so the killer knows what was on disk."""
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        say("SAVING", filepath)
+        super()._save_checkpoint(trainer, filepath)
+        say("SAVED", filepath)
+
+    @override
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        say("REMOVING", filepath)
+        super()._remove_checkpoint(trainer, filepath)
+        say("REMOVED", filepath)
+
+
+class Announce(Callback):
+    """Prints the step training starts from (after a resume) and the step it ends at."""
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        say("READY", trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        say("DONE", trainer.global_step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--max-steps", type=int, default=500)
-    parser.add_argument("--resume", action="store_true")
     parser.add_argument("--keyframe-interval", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    store = ChainStore(ExCPSettings(keyframe_interval=args.keyframe_interval, kmeans_sample=4096))
-    model, optimizer = build()
-    step = 0
+    torch.manual_seed(0)
+    checkpoints = AnnouncedCheckpoint(
+        dirpath=args.folder,
+        filename="{step}",
+        every_n_train_steps=1,
+        save_top_k=2,
+        monitor="step",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,
+    )
+    excp = ExCP(ExCPSettings(keyframe_interval=args.keyframe_interval, kmeans_sample=4096), print_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[excp, checkpoints, Announce()],
+        default_root_dir=args.folder,
+    )
     last = args.folder / "last.ckpt"
-    if args.resume and last.exists():
-        state = store.load(last)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()})
-        optimizer.load_state_dict(state["optimizer_states"][0])
-        step = state["global_step"]
-    say("READY", step)
-    kept: list[Path] = sorted(args.folder.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
-    while step < args.max_steps:
-        x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        checkpoint = {
-            "global_step": step,
-            "epoch": 0,
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "optimizer_states": [optimizer.state_dict()],
-            "loops": {"step": step, "loss": float(loss)},
-        }
-        for path in (args.folder / f"step={step}.ckpt", last):
-            say("SAVING", path)
-            store.save(checkpoint, path)
-            say("SAVED", path)
-            if path != last:
-                kept = [p for p in kept if p != path] + [path]
-                while len(kept) > 2:
-                    old = kept.pop(0)
-                    say("REMOVING", old)
-                    store.remove(old)
-                    say("REMOVED", old)
-    say("DONE", step)
+    trainer.fit(Regression(), ckpt_path=last if last.exists() else None)
 
 
 if __name__ == "__main__":

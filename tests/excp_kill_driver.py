@@ -1,4 +1,4 @@
-"""SIGKILL a training subprocess (tests/excp_kill_child.py) at random instants and audit what is left.
+"""SIGKILL a Lightning training subprocess (tests/excp_kill_child.py) at random instants and audit what is left.
 
 Shared by tests/test_excp_kill.py (a few trials) and bench/excp_safety.py (>= 20 trials).
 """
@@ -31,6 +31,7 @@ class KillTrial:
     loadable: int = 0
     lost: list[str] = field(default_factory=list)
     last_step: int | None = None
+    last_expected: bool = False
     resumed_from: int | None = None
     stale_temporaries: int = 0
 
@@ -43,7 +44,7 @@ def _reader(stream, lines: queue.Queue) -> None:
 
 def _start(folder: Path, max_steps: int) -> tuple[subprocess.Popen, queue.Queue]:
     process = subprocess.Popen(
-        [sys.executable, str(CHILD), str(folder), "--max-steps", str(max_steps), "--resume"],
+        [sys.executable, str(CHILD), str(folder), "--max-steps", str(max_steps)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -69,9 +70,13 @@ def _until(lines: queue.Queue, prefix: str, events: list[str], timeout: float = 
 
 
 def run_trial(
-    folder: Path, rng: random.Random, inside_save: bool, saved: set[str], max_steps: int = 100_000
+    folder: Path, rng: random.Random, inside_save: bool, saved: set[str], max_steps: int = 100_000, min_saves: int = 1
 ) -> KillTrial:
-    """Start (resuming from last.ckpt), kill at a random instant, audit; ``saved`` carries live files across trials."""
+    """Start (resuming from last.ckpt), kill at a random instant, audit; ``saved`` carries live files across trials.
+
+    ``inside_save``: the kill comes 0-30 ms after the start of the ``min_saves``-th to 12th save of
+    this run (a save takes about that long), else 0.05-1.5 s after training started.
+    """
     process, lines = _start(folder, max_steps)
     events: list[str] = []
     ready = _until(lines, "READY", events)
@@ -79,7 +84,7 @@ def run_trial(
     trial = KillTrial(mode="inside_save" if inside_save else "random", killed_during_save=False)
     trial.resumed_from = int(ready.split()[1])
     if inside_save:
-        for _ in range(rng.randint(1, 12)):  # some saves in, then during one
+        for _ in range(rng.randint(min_saves, 12)):  # some saves in, then during one
             _until(lines, "SAVING", events)
         time.sleep(rng.uniform(0, 0.03))
     else:
@@ -100,6 +105,7 @@ def run_trial(
             saved.discard(path)
     trial.killed_during_save = in_flight is not None
     trial.expected = len(saved)
+    trial.last_expected = str(folder / "last.ckpt") in saved  # once a save of last.ckpt finished, it must stay
     for path in sorted(saved):
         try:
             load_checkpoint(path)

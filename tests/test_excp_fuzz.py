@@ -18,7 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callbacks.excp import ExCPFormatError, load_checkpoint
-from tests.excp_crafting import checkpoints_equal, planted_skeleton, replace_record, rewrite, split_file, write_chain
+from tests.excp_crafting import (
+    HEADER_FIELDS,
+    HUGE_NUMBERS,
+    checkpoints_equal,
+    planted_skeleton,
+    replace_record,
+    rewrite,
+    set_field,
+    split_file,
+    write_chain,
+)
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -71,7 +81,7 @@ def test_corrupted_chains_give_one_error_or_exact_tensors(chain_dir, mutations):
         _restore(paths, originals)
 
 
-_HUGE = st.sampled_from([0, 1, 7, 2**16, 2**28, 2**31 - 1, 2**32, 2**40, 2**62, -1])
+_HUGE = st.sampled_from(HUGE_NUMBERS)
 _JSON = st.recursive(
     st.one_of(st.none(), st.booleans(), _HUGE, st.floats(allow_nan=False), st.text(max_size=8)),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
@@ -80,36 +90,9 @@ _JSON = st.recursive(
 
 
 def _crafts():
-    def set_at(header, path, value):
-        target = header
-        for key in path[:-1]:
-            target = target[key] if isinstance(target, dict) else target[key % max(len(target), 1)]
-        if isinstance(target, dict):
-            target[path[-1]] = value
-        elif isinstance(target, list) and target:
-            target[path[-1] % len(target)] = value
-
-    fields = st.sampled_from(
-        [
-            ("entries", 0, "shape"),
-            ("entries", 0, "rec_w"),
-            ("entries", 0, "m"),
-            ("entries", 0, "dtype"),
-            ("entries", 0, "w_mode"),
-            ("records", 0, "length"),
-            ("records", 0, "offset"),
-            ("extras",),
-            ("aliases",),
-            ("skeleton",),
-            ("kind",),
-            ("ref",),
-            ("ref", "name"),
-            ("chain_index",),
-            ("entries",),
-        ]
-    )
-    return st.tuples(fields, st.one_of(_JSON, st.lists(_HUGE, min_size=1, max_size=3))).map(
-        lambda fv: lambda header: set_at(header, fv[0], fv[1])
+    values = st.one_of(_JSON, st.lists(_HUGE, min_size=1, max_size=3))
+    return st.tuples(st.sampled_from(HEADER_FIELDS), values).map(
+        lambda fv: lambda header: set_field(header, fv[0], fv[1])
     )
 
 

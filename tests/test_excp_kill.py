@@ -1,25 +1,43 @@
-"""SIGKILL a training process at random instants, half of them inside a save: every checkpoint it had
-saved still loads, last.ckpt exists, and the next run resumes from it (4 trials, about a minute: each
-trial starts a process; the >= 20-trial campaign is bench/excp_safety.py)."""
+"""SIGKILL a Lightning Trainer run with the ExCP callback at random instants, inside saves and between
+them: every checkpoint it had saved still loads, ``last.ckpt`` exists once its first save finished,
+and the next run resumes from it. Each trial starts a Trainer process (about 10 s of CPU), so the
+default suite kills once; the slow test kills 8 times and bench/excp_safety.py 20 times.
+"""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
+
+import pytest
 
 from tests.excp_kill_driver import finish, run_trial
 
 
-def test_kill_at_random_instants_loses_nothing(tmp_path):
-    rng = random.Random(0)
+def _kill_and_audit(folder: Path, kills: int, seed: int) -> None:
+    rng = random.Random(seed)
     saved: set[str] = set()
-    trials = [run_trial(tmp_path, rng, inside_save=i % 2 == 0, saved=saved) for i in range(4)]
+    # the first kill comes inside a save late enough that last.ckpt has been written once
+    trials = [
+        run_trial(folder, rng, inside_save=i % 2 == 0, saved=saved, min_saves=3 if i == 0 else 1) for i in range(kills)
+    ]
     for trial in trials:
         assert not trial.lost, trial.lost
         assert trial.loadable == trial.expected
-        assert trial.last_step is not None
+        assert trial.last_step is not None or not trial.last_expected
+    assert trials[0].killed_during_save and trials[0].last_expected
     # each run resumed exactly where the previous kill left last.ckpt
     for before, after in zip(trials, trials[1:], strict=False):
         assert after.resumed_from == before.last_step
-    resumed_from, final = finish(tmp_path)
+    resumed_from, final = finish(folder)
     assert resumed_from == trials[-1].last_step and final == resumed_from + 3
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # cleaned at the next start
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # cleaned at the next start
+
+
+def test_a_trainer_killed_inside_a_save_loses_nothing_and_resumes(tmp_path):
+    _kill_and_audit(tmp_path, kills=1, seed=0)
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_at_random_instants_loses_nothing(tmp_path):
+    _kill_and_audit(tmp_path, kills=8, seed=1)

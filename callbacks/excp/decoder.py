@@ -18,6 +18,7 @@ import torch
 import zstandard
 
 from callbacks.excp.blockwise8bit import restore_8bit_states
+from callbacks.excp.bounds import check_lossless_size
 from callbacks.excp.codec import decode_param
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
@@ -61,10 +62,15 @@ def _decode_entry(
     name = entry["name"]
     shape = tuple(int(d) for d in entry["shape"])
     base = None
-    if entry["w_mode"] == "delta":
+    if entry["w_mode"] != "lossless":
+        # a quantized stream holds one code per element of the shape the header claims: only the
+        # reference (decoded earlier, bounded by its own bytes) can vouch for that shape. The encoder
+        # writes "absolute" (no-residual) entries only where the reference has the tensor, too.
         base = (reference or {}).get(name)
         if base is None or tuple(base.shape) != shape:
-            raise ExCPFormatError(file.path, f"tensor {name} is a delta but its reference lacks it")
+            raise ExCPFormatError(
+                file.path, f"tensor {name} is quantized against a reference that lacks it or has another shape"
+            )
     first, second = entry.get("m"), entry.get("v")
     return decode_param(
         kind=file.header["kind"],
@@ -116,7 +122,9 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
         path: an ExCP file.
         weights_only: True or None (default, safe) loads the pickled non-tensor state (hyperparameters,
             loops, ...) with ``torch.load(weights_only=True)`` and the types Lightning checkpoints
-            hold; False trusts the file completely: a crafted file then runs arbitrary code.
+            hold, and refuses files declaring far more lossless tensor bytes than their size
+            (:mod:`callbacks.excp.bounds`); False trusts the file completely: a crafted file then runs
+            arbitrary code or allocates what it claims.
 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, not the reference it should be, or
@@ -124,6 +132,7 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
     """
     with intra_op_threads():
         files = open_chain(path)
+        _check_sizes(files, trusted=weights_only is False)
         kinds = [f.header["kind"] for f in files]
         weights: Weights | None = None
         moments: Moments = {}
@@ -136,6 +145,13 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
                 moments = decoded_moments
         assert weights is not None
         return _assemble(files[-1], weights, moments, trust_pickles=weights_only is False)
+
+
+def _check_sizes(files: Sequence[ExCPFile], trusted: bool) -> None:
+    """Refuse files declaring more lossless tensor bytes than their size allows, unless the caller trusts them."""
+    if not trusted:
+        for file in files:
+            check_lossless_size(file)
 
 
 def _metadata(file: ExCPFile, trust_pickles: bool) -> Any:
@@ -200,6 +216,7 @@ def decode_sequence(
     moments: Moments = {}
     for path in map(Path, paths):
         file = ExCPFile.open(path)
+        _check_sizes([file], trust)
         kind = file.header["kind"]
         continues = (
             kind in ("delta", "twin")
@@ -211,6 +228,7 @@ def decode_sequence(
             _verify_reference(file, previous)
         elif kind in ("delta", "twin"):
             chain = open_chain(path)
+            _check_sizes(chain, trust)
             file = chain[-1]
             weights, moments = None, {}
             holders = [i for i, earlier in enumerate(chain[:-1]) if earlier.header["kind"] != "twin"]

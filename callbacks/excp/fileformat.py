@@ -106,19 +106,23 @@ def _open_regular(path: str | os.PathLike) -> tuple[int, int]:
     return fd, info.st_size
 
 
+_MAX_READ = 0x7FFFF000
+"""Most bytes one ``read`` returns on Linux: a smaller file arrives in one buffer, never joined (copied)."""
+
+
 def _read_fd(path: str | os.PathLike, fd: int, count: int) -> bytes:
     chunks = []
     remaining = count
     while remaining > 0:
         try:
-            chunk = os.read(fd, min(remaining, 1 << 24))
+            chunk = os.read(fd, min(remaining, _MAX_READ))
         except OSError as e:
             raise ExCPFormatError(path, f"cannot be read ({e.strerror})") from None
         if not chunk:
             break
         chunks.append(chunk)
         remaining -= len(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def is_excp_file(path: str | os.PathLike) -> bool:
@@ -169,7 +173,7 @@ def _parse_header(path: str | os.PathLike, hbytes: bytes, crc_bytes: bytes) -> d
         if declared < 0 or declared > bound:
             raise ExCPFormatError(path, "header declares an impossible size (file is corrupted)")
         header = json.loads(zstandard.ZstdDecompressor().decompress(hbytes, max_output_size=bound))
-    except (ValueError, zstandard.ZstdError) as e:
+    except (ValueError, RecursionError, zstandard.ZstdError) as e:  # RecursionError: nesting without end
         raise ExCPFormatError(path, f"header is not valid JSON ({e}; file is corrupted)") from None
     if not isinstance(header, dict):
         raise ExCPFormatError(path, "header is not a JSON object (file is corrupted)")

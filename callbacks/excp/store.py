@@ -1,7 +1,7 @@
 """Folders of ExCP checkpoints: save, remove and load in an order a kill can never hurt (no Lightning).
 
 :class:`ChainStore` is what :class:`~callbacks.excp.checkpoint_io.ExCPCheckpointIO` does for the
-Trainer, usable without Lightning (the kill tests drive it from a plain training loop).
+Trainer, usable without Lightning (bench/excp_v_floor.py drives it from a plain training loop).
 """
 
 from __future__ import annotations

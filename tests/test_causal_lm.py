@@ -94,7 +94,10 @@ def test_bad_input_gives_clear_errors(tmp_path: Path, tiny_model_config) -> None
 
 
 def test_unknown_hub_id_offline_names_the_alternative(monkeypatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; the env is too late
     with pytest.raises(ModelLoadError, match="smollm2-135m-instruct"):
         load_causal_lm("no-such-org/no-such-model-xyz")
 

@@ -16,9 +16,17 @@ def test_a_step_size_must_move_every_counted_n_and_small_n_do_not_count():
     # moves a lot at N=8 but not at N=4: the mean would pass, the rule asks for every N >= 4
     uneven = Candidate(1e-3, 2, {1: 0.5, 4: 0.8, 8: 0.8}, {1: 1.0, 4: 0.10, 8: 0.60}, {1: True, 4: False, 8: False})
     even = Candidate(3e-4, 2, {1: 0.5, 4: 0.7, 8: 0.7}, {1: 1.0, 4: 0.25, 8: 0.30}, {1: True, 4: False, 8: False})
-    best, fallback = choose([uneven, even])
+    best, fallback = choose([uneven, even], n_dev=32)
     assert best is even and not fallback  # N=1 copying its one label is not a collapse of the rule
     assert even.as_dict()["counted_n"] == [4, 8] and even.min_changed == 0.25
+
+
+def test_among_equally_accurate_step_sizes_the_one_that_moves_most_wins():
+    small = _cand(3e-4, 0.67, 0.30)
+    large = _cand(1e-3, 0.66, 0.36)  # one dev example less accurate: within one standard error on 64
+    clearly_worse = _cand(3e-3, 0.54, 0.38)
+    assert choose([small, large, clearly_worse], n_dev=32)[0] is large
+    assert choose([small, large, clearly_worse], n_dev=100_000)[0] is small  # a dev set that resolves 0.01
 
 
 def test_rule_prefers_accuracy_among_step_sizes_that_move_without_collapsing():
@@ -26,9 +34,9 @@ def test_rule_prefers_accuracy_among_step_sizes_that_move_without_collapsing():
     moves = _cand(1e-3, 0.70, 0.40)
     worse = _cand(3e-4, 0.65, 0.30)
     collapsed = _cand(3e-3, 0.75, 0.60, collapsed=True)
-    best, fallback = choose([still, worse, moves, collapsed])
+    best, fallback = choose([still, worse, moves, collapsed], n_dev=1000)  # 0.70 vs 0.65: clearly more accurate
     assert best is moves and not fallback
-    best, fallback = choose([still, collapsed])  # nothing qualifies: best accuracy, flagged as fallback
+    best, fallback = choose([still, collapsed], n_dev=32)  # nothing qualifies: best accuracy, flagged as fallback
     assert best is still and fallback
 
 

@@ -14,9 +14,14 @@ set that is disjoint from the test set (``datamodules.icl_tasks.GDSelectionData`
 2. A candidate *moves* the model when, at every counted N, it changes at least ``MIN_CHANGED`` (20%)
    of the zero-shot dev predictions, and *collapses* when for some counted N and draw all dev
    predictions are one label.
-3. Among candidates that move and never collapse, pick the highest dev accuracy averaged over the
-   counted N (ties: the smaller learning rate, then fewer epochs). If none qualifies, pick the
-   highest such accuracy among all candidates and mark the choice ``fallback`` (the report flags it).
+3. Among candidates that move and never collapse, keep those whose dev accuracy (averaged over the
+   counted N) is within one standard error of the best one's (``sqrt(p (1 - p) / n)``, n = dev
+   examples x counted N): on a few dozen dev examples they are equally accurate. Of those, pick the
+   one that moves the model most (the largest smallest-changed share; ties: the smaller learning
+   rate, then fewer epochs). Among equally accurate step sizes the stronger update is the one that
+   learned most from the demonstrations, which is what ICL is compared with; taking the weakest would
+   pull "GD" back towards zero-shot. If none qualifies, pick the highest dev accuracy among all
+   candidates and mark the choice ``fallback`` (the report flags it).
 
 The random-init control model uses the step size chosen for the pretrained model on the same task, so
 the control differs from the measurement in its weights only (and its chance-level dev accuracy would
@@ -25,6 +30,7 @@ make a choice of its own noise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -81,14 +87,18 @@ class Candidate:
         }
 
 
-def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, bool]:
+def choose(candidates: Sequence[Candidate], n_dev: int) -> tuple[Candidate, bool]:
     """The rule in the module docstring: ``(chosen, fallback)``."""
     if not candidates:
         raise ValueError("GD step-size selection needs at least one candidate")
     qualified = [c for c in candidates if c.min_changed >= MIN_CHANGED and not c.collapsed]
-    pool = qualified or list(candidates)
-    best = max(pool, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs))
-    return best, not qualified
+    if not qualified:
+        return max(candidates, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs)), True
+    best = max(c.mean_accuracy for c in qualified)
+    n = max(1, n_dev * len(qualified[0].as_dict()["counted_n"]))
+    tolerance = math.sqrt(best * (1 - best) / n)
+    equal = [c for c in qualified if c.mean_accuracy >= best - tolerance - 1e-12]
+    return max(equal, key=lambda c: (round(c.min_changed, 12), -c.lr, -c.epochs)), False
 
 
 def collapsed(preds: torch.Tensor) -> bool:
@@ -130,12 +140,12 @@ def select_gd(
                 changed[n] = sum(float((p != zs).double().mean()) for p in runs) / len(runs)
                 coll[n] = any(collapsed(p) for p in runs)
             candidates.append(Candidate(float(lr), int(epochs), acc, changed, coll))
-    best, fallback = choose(candidates)
+    best, fallback = choose(candidates, len(data.dev))
     return {
         "rule": (
-            f"max mean dev accuracy (N >= {MIN_MOVE_N}) among candidates changing >= {MIN_CHANGED:.0%} of "
-            f"zero-shot dev predictions at every N >= {MIN_MOVE_N} without collapsing to one label, "
-            f"averaged over {n_sets} demonstration set(s) per N"
+            f"among candidates changing >= {MIN_CHANGED:.0%} of zero-shot dev predictions at every N >= "
+            f"{MIN_MOVE_N} without collapsing to one label (averaged over {n_sets} demonstration set(s) per N), "
+            f"the one that changes most among those within one standard error of the best dev accuracy"
         ),
         "n_dev": len(data.dev),
         "n_selection_sets": n_sets,

@@ -74,8 +74,8 @@ def run_trial(
 ) -> KillTrial:
     """Start (resuming from last.ckpt), kill at a random instant, audit; ``saved`` carries live files across trials.
 
-    ``inside_save``: the kill comes 0-30 ms after the start of the ``min_saves``-th to 12th save of
-    this run (a save takes about that long), else 0.05-1.5 s after training started.
+    ``inside_save``: the kill comes inside the ``min_saves``-th to 12th save of this run, within the
+    first half of the shortest save seen so far, else 0.05-1.5 s after training started.
     """
     process, lines = _start(folder, max_steps)
     events: list[str] = []
@@ -84,9 +84,16 @@ def run_trial(
     trial = KillTrial(mode="inside_save" if inside_save else "random", killed_during_save=False)
     trial.resumed_from = int(ready.split()[1])
     if inside_save:
-        for _ in range(rng.randint(min_saves, 12)):  # some saves in, then during one
+        # some saves in, then during one: the kill lands in the first half of a save, timed from this
+        # run's own earlier saves (a fixed delay misses fast saves on a quiet machine)
+        durations = []
+        for _ in range(rng.randint(min_saves, 12) - 1):
             _until(lines, "SAVING", events)
-        time.sleep(rng.uniform(0, 0.03))
+            started = time.monotonic()
+            _until(lines, "SAVED", events)
+            durations.append(time.monotonic() - started)
+        _until(lines, "SAVING", events)
+        time.sleep(rng.uniform(0, 0.5 * min(durations, default=0.002)))
     else:
         time.sleep(rng.uniform(0.05, 1.5))
     process.send_signal(signal.SIGKILL)

@@ -180,3 +180,32 @@ def checkpoints_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(checkpoints_equal, a, b))
     return a == b
+
+
+def decode_code(
+    code: Any,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    ref: torch.Tensor | None,
+    *,
+    kind: str = "delta",
+    has_m: bool = True,
+    has_v: bool = True,
+    v_floor: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``decode_param`` of one encoder ``ParamCode`` (fp32 moments where present), as the reader calls it."""
+    from callbacks.excp.codec import decode_param
+
+    return decode_param(
+        kind=kind,
+        w_mode=code.w_mode,
+        w_blob=code.w,
+        m_blob=code.m,
+        v_blob=code.v,
+        ref=ref,
+        shape=shape,
+        dtype=dtype,
+        m_dtype=torch.float32 if has_m else None,
+        v_dtype=torch.float32 if has_v else None,
+        v_floor=v_floor,
+    )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta, encode_param_keyframe
+from callbacks.excp.codec import ExCPSettings, encode_param_delta, encode_param_keyframe
 from callbacks.excp.decoder import decode_sequence, load_checkpoint
 from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.quantize import (
@@ -22,6 +22,7 @@ from callbacks.excp.quantize import (
     kmeans_1d,
 )
 from common.atomic import atomic_write_bytes
+from tests.excp_crafting import decode_code
 
 
 def test_codec_modules_do_not_import_lightning():
@@ -79,21 +80,6 @@ def test_lossless_round_trip_is_bit_exact(dtype, shape):
     )
 
 
-def _decode(code, shape, dtype, ref, has_m=True, has_v=True, kind="delta"):
-    return decode_param(
-        kind=kind,
-        w_mode=code.w_mode,
-        w_blob=code.w,
-        m_blob=code.m,
-        v_blob=code.v,
-        ref=ref,
-        shape=shape,
-        dtype=dtype,
-        m_dtype=torch.float32 if has_m else None,
-        v_dtype=torch.float32 if has_v else None,
-    )
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (5,), (31, 7), (3, 4, 5)])
 def test_delta_round_trip_matches_encoder_reconstruction(dtype, shape):
@@ -103,7 +89,7 @@ def test_delta_round_trip_matches_encoder_reconstruction(dtype, shape):
     m = 0.01 * torch.randn(shape, generator=g)
     v = 1e-6 * torch.rand(shape, generator=g)
     code = encode_param_delta(w, ref, m, v, ExCPSettings(), g)
-    w2, m2, v2 = _decode(code, shape, dtype, ref)
+    w2, m2, v2 = decode_code(code, shape, dtype, ref)
     assert w2.dtype == dtype and w2.shape == w.shape
     assert torch.equal(w2, code.recon_w)
     assert m2.shape == m.shape and v2.shape == v.shape
@@ -120,7 +106,7 @@ def test_all_zero_tensor_and_zero_delta():
     g = torch.Generator().manual_seed(0)
     z = torch.zeros(40, 3)
     code = encode_param_delta(z, z.clone(), torch.zeros_like(z), torch.zeros_like(z), s, g)
-    w2, m2, v2 = _decode(code, (40, 3), torch.float32, z.clone())
+    w2, m2, v2 = decode_code(code, (40, 3), torch.float32, z.clone())
     assert torch.equal(w2, z) and torch.equal(m2, z) and torch.equal(v2, z)
     assert len(code.w) < 100  # nothing changed, nothing stored
 
@@ -135,7 +121,7 @@ def test_joint_shrinking_follows_the_notes():
     v = torch.full((n,), 4e-8)  # alpha/sqrt(mean v) = 5e-5/2e-4 = 0.25
     s = ExCPSettings(bits_w=8, bits_m=8, bits_v=8)
     code = encode_param_delta(dw, ref, m, v, s, g)
-    w2, m2, v2 = _decode(code, (n,), torch.float32, ref)
+    w2, m2, v2 = decode_code(code, (n,), torch.float32, ref)
     wmask = dw.abs() > dw.abs().median() * 0.25
     mmask = (m.abs() > 2.0 * m.abs().mean()) & wmask
     assert torch.equal(w2 != 0, wmask)
@@ -143,15 +129,15 @@ def test_joint_shrinking_follows_the_notes():
     assert torch.equal(v2 != 0, mmask)
     # cap: a vanishing v gives factor min(2.5, huge) = 2.5
     code = encode_param_delta(dw, ref, m, torch.full((n,), 1e-30), s, g)
-    w3, _, _ = _decode(code, (n,), torch.float32, ref)
+    w3, _, _ = decode_code(code, (n,), torch.float32, ref)
     assert torch.equal(w3 != 0, dw.abs() > dw.abs().median() * 2.5)
     # ablation: no residual codes W itself and decodes without the reference
     code = encode_param_delta(dw + 1.0, ref + 0.5, m, v, ExCPSettings(residual=False), g)
-    w5, _, _ = _decode(code, (n,), torch.float32, None)
+    w5, _, _ = decode_code(code, (n,), torch.float32, None)
     assert code.w_mode == "absolute" and torch.equal(w5, code.recon_w)
     # ablation: weight-only pruning keeps m wherever W survived
     code = encode_param_delta(dw, ref, m, v, ExCPSettings(momentum_criterion=False), g)
-    _, m4, _ = _decode(code, (n,), torch.float32, ref)
+    _, m4, _ = decode_code(code, (n,), torch.float32, ref)
     assert torch.equal(m4 != 0, wmask & (m != 0))
 
 
@@ -159,18 +145,8 @@ def test_keyframe_param_is_lossless():
     s = ExCPSettings()
     w, m, v = torch.randn(9, 4).bfloat16(), torch.randn(9, 4), torch.rand(9, 4)
     code = encode_param_keyframe(w, m, v, s)
-    w2, m2, v2 = decode_param(
-        kind="keyframe",
-        w_mode="lossless",
-        w_blob=code.w,
-        m_blob=code.m,
-        v_blob=code.v,
-        ref=None,
-        shape=(9, 4),
-        dtype=torch.bfloat16,
-        m_dtype=torch.float32,
-        v_dtype=torch.float32,
-    )
+    assert code.w_mode == "lossless"
+    w2, m2, v2 = decode_code(code, (9, 4), torch.bfloat16, None, kind="keyframe")
     assert torch.equal(w2, w) and torch.equal(m2, m) and torch.equal(v2, v)
 
 

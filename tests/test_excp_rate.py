@@ -182,7 +182,8 @@ def test_cli_compresses_to_a_budget_and_refuses_two_modes(workloads, tmp_path, c
 @pytest.mark.parametrize("moments", ["adam", "sgd", "none"])
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (3000,), (64, 80)])
 def test_budget_mode_codes_any_tensor_and_decodes_to_the_reconstruction(moments, shape):
-    from callbacks.excp.codec import decode_param, encode_param_delta
+    from callbacks.excp.codec import encode_param_delta
+    from tests.excp_crafting import decode_code
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(shape, generator=g)
@@ -191,19 +192,7 @@ def test_budget_mode_codes_any_tensor_and_decodes_to_the_reconstruction(moments,
     v = 1e-6 * torch.rand(shape, generator=g) if moments == "adam" else None
     s = ExCPSettings(target_bits_per_param=1.0, kmeans_sample=1024)
     code = encode_param_delta(w, ref, m, v, s, torch.Generator().manual_seed(1))
-    got_w, got_m, got_v = decode_param(
-        kind="delta",
-        w_mode=code.w_mode,
-        w_blob=code.w,
-        m_blob=code.m,
-        v_blob=code.v,
-        ref=ref,
-        shape=shape,
-        dtype=torch.float32,
-        m_dtype=torch.float32,
-        v_dtype=torch.float32,
-        v_floor=code.v_floor,
-    )
+    got_w, got_m, got_v = decode_code(code, shape, torch.float32, ref, v_floor=code.v_floor)
     assert torch.equal(got_w, code.recon_w) and (got_m is None) == (m is None) and (got_v is None) == (v is None)
     if w.numel() > 1024:
         bits = 8 * (len(code.w) + len(code.m or b"") + len(code.v or b""))

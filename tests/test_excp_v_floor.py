@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta
+from callbacks.excp.codec import ExCPSettings, encode_param_delta
+from tests.excp_crafting import decode_code
 
 
 def _code(v_floor: bool):
@@ -19,19 +20,7 @@ def _code(v_floor: bool):
 
 
 def _decode(code, ref, floor):
-    return decode_param(
-        kind="delta",
-        w_mode=code.w_mode,
-        w_blob=code.w,
-        m_blob=code.m,
-        v_blob=code.v,
-        ref=ref,
-        shape=(64, 64),
-        dtype=torch.float32,
-        m_dtype=torch.float32,
-        v_dtype=torch.float32,
-        v_floor=floor,
-    )
+    return decode_code(code, (64, 64), torch.float32, ref, v_floor=floor)
 
 
 def test_pruned_v_decodes_to_the_mean_of_the_pruned_entries():

@@ -53,7 +53,12 @@ def test_fine_tuning_stores_no_keyframe_and_resumes_from_the_pretrained_weights(
     header = read_header(run / "step=2.ckpt")
     assert header["ref"] is None and header["base"]["source"]["path"] == str(pretrained_folder)
     assert header["base"]["source"]["prefix"] == "model."
-    assert excp.summary()["overall_ratio"] > 5  # a keyframe alone would hold it near 1.2x
+    summary = excp.summary()
+    assert summary["overall_ratio"] > 5  # a keyframe alone would hold it near 1.2x
+    assert summary["live_checkpoints"] == 2 and summary["bytes_on_disk"] == sum(
+        p.stat().st_size for p in run.iterdir() if p.is_file()
+    )
+    assert "on disk now" in excp.run_summary()[0]
     # a reader finds the base where the file says it is, and checks its hash
     assert load_checkpoint(run / "step=4.ckpt")["global_step"] == 4
 

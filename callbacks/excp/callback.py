@@ -19,8 +19,8 @@ from callbacks.excp.bases import find_pretrained_base
 from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.deepspeed_files import has_excp_files
-from callbacks.excp.fileformat import is_excp_file
-from callbacks.excp.references import REFS_DIR
+from callbacks.excp.fileformat import ExCPFormatError, is_excp_file, read_header
+from callbacks.excp.references import REFS_DIR, is_temporary, live_checkpoints
 from callbacks.excp.sharded import prepare_strategy
 from common.errors import UserFacingError
 
@@ -195,6 +195,7 @@ class ExCP(Callback):
                 else None
             ),
             "directories": sorted({str(Path(h["path"]).parent) for h in self.history}),
+            **on_disk(sorted({str(Path(h["path"]).parent) for h in self.history})),
         }
 
     def run_summary(self) -> list[str]:
@@ -253,6 +254,29 @@ def artifact_entries(directories: list[str]) -> list[tuple[Path, str]]:
     return entries
 
 
+def on_disk(directories: list[str]) -> dict[str, Any]:
+    """What the folders hold now: the live checkpoints' raw fp32 W+m+v against every ExCP byte there.
+
+    Counts the live files and ``.excp_refs/`` (files top-k removed but a chain needs), so a folder
+    whose survivors each need their own keyframe shows the ratio a user actually gets, not the run's.
+    """
+    live = stored = 0
+    raw = 0.0
+    for directory in map(Path, directories):
+        for path in live_checkpoints(directory):
+            try:
+                stats = read_header(path).get("stats", {})
+            except ExCPFormatError:
+                continue  # not this run's to judge; loading it says what is wrong
+            live += 1
+            stored += path.stat().st_size
+            raw += float(stats.get("raw_wmv_bytes", 0.0)) if isinstance(stats, dict) else 0.0
+        refs = directory / REFS_DIR
+        if refs.is_dir():
+            stored += sum(p.stat().st_size for p in refs.iterdir() if p.is_file() and not is_temporary(p))
+    return {"live_checkpoints": live, "bytes_on_disk": stored, "ratio_on_disk": raw / stored if stored else None}
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     print(_summary_line(s), flush=True)
 
@@ -268,4 +292,10 @@ def _summary_line(s: dict[str, Any]) -> str:
     line += f"{mb:.2f} MB vs {raw:.2f} MB raw fp32 W+m+v ({s['overall_ratio']:.1f}x overall"
     if s["delta_ratio_median"] is not None:
         line += f", median delta {s['delta_ratio_median']:.1f}x"
-    return line + ")"
+    line += ")"
+    if s.get("ratio_on_disk") is not None:
+        line += (
+            f"; on disk now {s['bytes_on_disk'] / 2**20:.2f} MB for {s['live_checkpoints']} live checkpoint(s) "
+            f"and the chain files they need ({s['ratio_on_disk']:.1f}x their raw W+m+v)"
+        )
+    return line

@@ -265,6 +265,7 @@ def plot(summary: dict, path: Path) -> None:
             lo.append(s["mean"] - s["min"])
             hi.append(s["max"] - s["mean"])
         axes[0].errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=method)
+    axes[0].set_yscale("log")  # perplexities span decades where a sub-network is unusable
     axes[0].set_xlabel("realized prefill-latency budget (table, mean over seeds)")
     axes[0].set_ylabel("validation perplexity (mean, min-max over seeds)")
     axes[0].legend()
@@ -274,6 +275,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[1].errorbar(bs, [ratios[str(b)]["mean"] for b in bs],
                      yerr=[[ratios[str(b)]["mean"] - ratios[str(b)]["min"] for b in bs],
                            [ratios[str(b)]["max"] - ratios[str(b)]["mean"] for b in bs]], marker="o", capsize=3)
+    axes[1].set_yscale("log")
     axes[1].set_xlabel("requested budget")
     axes[1].set_ylabel("ppl flextron / ppl uniform nested (per seed)")
     fig.suptitle("\n".join(textwrap.wrap(summary["workload"], 150)), fontsize=7)
@@ -332,7 +334,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny parent pretrained here (smoke / CI)")
     ap.add_argument("--out", default=None, help="default: results/flextron.json (quick), flextron_smollm2.json")
+    ap.add_argument("--plot-only", metavar="JSON", default=None, help="redraw the PNG of a result JSON, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return
     cfg = QUICK if args.quick else FULL
     args.out = args.out or str(RESULTS / ("flextron.json" if args.quick else "flextron_smollm2.json"))
     # one thread throughout: on a shared 2-core CPU a second worker thread made training far slower (threads

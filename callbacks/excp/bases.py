@@ -195,8 +195,8 @@ def resolve_base(path: str | os.PathLike, record: Any, given: BaseSource | None)
             restricted = _as_recorded(weights, record)
             if restricted is not None and weights_digest(restricted, record["names"]) == record["sha256"]:
                 return restricted
-        except (RuntimeError, TypeError, ValueError):
-            pass  # e.g. sharded tensors (DTensor) that cannot be hashed here: not this base
+        except Exception:  # noqa: BLE001 - e.g. sharded tensors (DTensor) that cannot be hashed here: not this base
+            pass
         tried.append(label)
     source = record.get("source") or {}
     raise ExCPFormatError(

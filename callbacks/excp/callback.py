@@ -142,8 +142,8 @@ class ExCP(Callback):
         """On a fresh run, start chains from the pretrained weights the module was loaded from, if any."""
         if self.start_from != "auto" or trainer.ckpt_path is not None or self._io is None:
             return
-        if any(type(p) is not torch.nn.Parameter for p in pl_module.parameters()):
-            return  # sharded or quantized parameters: their files are not the module's tensors
+        if any(type(p.data) is not torch.Tensor or not p.is_floating_point() for p in pl_module.parameters()):
+            return  # sharded (DTensor, flat) or quantized parameters: no process holds the files' tensors
         found = find_pretrained_base(pl_module)
         if found is None:
             return

@@ -59,6 +59,7 @@ def test_fine_tuning_stores_no_keyframe_and_resumes_from_the_pretrained_weights(
         p.stat().st_size for p in run.iterdir() if p.is_file()
     )
     assert "on disk now" in excp.run_summary()[0]
+
     # a reader finds the base where the file says it is, and checks its hash
     assert load_checkpoint(run / "step=4.ckpt")["global_step"] == 4
 
@@ -172,3 +173,16 @@ def test_resume_into_another_folder_continues_the_chain_and_survives_the_old_one
     again = load_checkpoint(second / "step=8.ckpt")
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(again["state_dict"][name], tensor)
+
+
+def test_a_same_step_twin_adds_no_raw_bytes_to_the_overall_ratio(tmp_path):
+    callback = ExCP()
+    state = {"keyframe": 0.0, "twin": 0.0, "ratio": 50.0, "raw_wmv_bytes": 1000.0, "file_bytes": 20.0}
+    twin = {"keyframe": 0.0, "twin": 1.0, "ratio": 250.0, "raw_wmv_bytes": 1000.0, "file_bytes": 4.0}
+    callback.history = [
+        {"path": str(tmp_path / "step=2.ckpt"), **state},
+        {"path": str(tmp_path / "last.ckpt"), **twin},  # last.ckpt right after step=2.ckpt: the same state
+    ]
+    summary = callback.summary()
+    assert summary["raw_wmv_bytes"] == 1000.0 and summary["overall_ratio"] == pytest.approx(1000 / 24)
+    assert "for 1 training state(s)" in callback.run_summary()[0]

@@ -179,18 +179,23 @@ class ExCP(Callback):
                 logger.log_metrics(metrics, step=step)
 
     def summary(self) -> dict[str, Any]:
-        """Aggregate of this process's saves: counts, sizes and the median delta ratio."""
+        """Aggregate of this process's saves: counts, sizes and the median delta ratio.
+
+        ``overall_ratio`` is the raw fp32 W+m+v of every training state saved (a same-step twin is the
+        state of the file before it, so it adds no raw bytes) over the bytes of every file written.
+        """
         deltas = [h for h in self.history if not h["keyframe"] and not h.get("twin")]
+        states = [h for h in self.history if not h.get("twin")]
         return {
             "checkpoints": len(self.history),
             "keyframes": sum(1 for h in self.history if h["keyframe"]),
             "deltas": len(deltas),
             "twins": sum(1 for h in self.history if h.get("twin")),
             "compressed_bytes": sum(h["file_bytes"] for h in self.history),
-            "raw_wmv_bytes": sum(h["raw_wmv_bytes"] for h in self.history),
+            "raw_wmv_bytes": sum(h["raw_wmv_bytes"] for h in states),
             "delta_ratio_median": statistics.median(h["ratio"] for h in deltas) if deltas else None,
             "overall_ratio": (
-                sum(h["raw_wmv_bytes"] for h in self.history) / sum(h["file_bytes"] for h in self.history)
+                sum(h["raw_wmv_bytes"] for h in states) / sum(h["file_bytes"] for h in self.history)
                 if self.history
                 else None
             ),
@@ -259,18 +264,25 @@ def on_disk(directories: list[str]) -> dict[str, Any]:
 
     Counts the live files and ``.excp_refs/`` (files top-k removed but a chain needs), so a folder
     whose survivors each need their own keyframe shows the ratio a user actually gets, not the run's.
+    A twin (``last.ckpt`` beside the top-k file of its step) adds raw bytes only when that file is gone.
     """
     live = stored = 0
     raw = 0.0
     for directory in map(Path, directories):
+        headers = {}
         for path in live_checkpoints(directory):
             try:
-                stats = read_header(path).get("stats", {})
+                headers[path] = read_header(path)
             except ExCPFormatError:
                 continue  # not this run's to judge; loading it says what is wrong
+        live_ids = {header.get("file_id") for header in headers.values()}
+        for path, header in headers.items():
             live += 1
             stored += path.stat().st_size
-            raw += float(stats.get("raw_wmv_bytes", 0.0)) if isinstance(stats, dict) else 0.0
+            stats = header.get("stats")
+            twin_of_live = header.get("kind") == "twin" and (header.get("ref") or {}).get("file_id") in live_ids
+            if isinstance(stats, dict) and not twin_of_live:
+                raw += float(stats.get("raw_wmv_bytes", 0.0))
         refs = directory / REFS_DIR
         if refs.is_dir():
             stored += sum(p.stat().st_size for p in refs.iterdir() if p.is_file() and not is_temporary(p))
@@ -289,7 +301,9 @@ def _summary_line(s: dict[str, Any]) -> str:
         f"ExCP: {s['checkpoints']} checkpoint(s) ({s['keyframes']} keyframe, {s['deltas']} delta, "
         f"{s['twins']} same-step twin) in {dirs}: "
     )
-    line += f"{mb:.2f} MB vs {raw:.2f} MB raw fp32 W+m+v ({s['overall_ratio']:.1f}x overall"
+    states = s["checkpoints"] - s["twins"]
+    line += f"{mb:.2f} MB written for {states} training state(s) of {raw:.2f} MB raw fp32 W+m+v "
+    line += f"({s['overall_ratio']:.1f}x overall"
     if s["delta_ratio_median"] is not None:
         line += f", median delta {s['delta_ratio_median']:.1f}x"
     line += ")"

@@ -250,7 +250,7 @@ class ICLTaskDataModule(L.LightningDataModule):
         n_permutations: int = 4,
         random_init_control: bool = True,
         order_on_random_init: bool = False,
-        n_dev: int = 32,
+        n_dev: int = 64,
         n_selection_sets: int = 2,
     ) -> None:
         super().__init__()

@@ -4,7 +4,14 @@ import torch
 
 from datamodules.icl_tasks import Example, GDSelectionData, build_work_units
 from lightning_modules.probes.icl_finetune import GDConfig
-from lightning_modules.probes.icl_gd_selection import Candidate, choose, select_gd
+from lightning_modules.probes.icl_gd_selection import (
+    MIN_CHANGED,
+    Candidate,
+    choose,
+    harmful,
+    required_dev_changed,
+    select_gd,
+)
 from lightning_modules.probes.icl_runner import gd_flags
 
 
@@ -16,8 +23,8 @@ def test_a_step_size_must_move_every_counted_n_and_small_n_do_not_count():
     # moves a lot at N=8 but not at N=4: the mean would pass, the rule asks for every N >= 4
     uneven = Candidate(1e-3, 2, {1: 0.5, 4: 0.8, 8: 0.8}, {1: 1.0, 4: 0.10, 8: 0.60}, {1: True, 4: False, 8: False})
     even = Candidate(3e-4, 2, {1: 0.5, 4: 0.7, 8: 0.7}, {1: 1.0, 4: 0.25, 8: 0.30}, {1: True, 4: False, 8: False})
-    best, fallback = choose([uneven, even], n_dev=32)
-    assert best is even and not fallback  # N=1 copying its one label is not a collapse of the rule
+    best, met = choose([uneven, even], n_dev=32)
+    assert best is even and met == "margin"  # N=1 copying its one label is not a collapse of the rule
     assert even.as_dict()["counted_n"] == [4, 8] and even.min_changed == 0.25
 
 
@@ -34,10 +41,10 @@ def test_rule_prefers_accuracy_among_step_sizes_that_move_without_collapsing():
     moves = _cand(1e-3, 0.70, 0.40)
     worse = _cand(3e-4, 0.65, 0.30)
     collapsed = _cand(3e-3, 0.75, 0.60, collapsed=True)
-    best, fallback = choose([still, worse, moves, collapsed], n_dev=1000)  # 0.70 vs 0.65: clearly more accurate
-    assert best is moves and not fallback
-    best, fallback = choose([still, collapsed], n_dev=32)  # nothing qualifies: best accuracy, flagged as fallback
-    assert best is still and fallback
+    best, met = choose([still, worse, moves, collapsed], n_dev=1000)  # 0.70 vs 0.65: clearly more accurate
+    assert best is moves and met == "margin"
+    best, met = choose([still, collapsed], n_dev=32)  # nothing qualifies: best accuracy, flagged as fallback
+    assert best is still and met is None
 
 
 def test_select_gd_runs_the_grid_on_dev_and_reports_it():
@@ -81,3 +88,73 @@ def test_flags():
     assert gd_flags(zs, zs.clone(), 2) == ["unchanged"]
     assert gd_flags(zs, torch.ones(10, dtype=torch.long), 2) == ["collapsed"]
     assert gd_flags(zs, 1 - zs, 2) == []
+
+
+def test_dev_margin_is_the_share_a_test_unit_keeps_above_20_percent_nine_times_in_ten():
+    from scipy.stats import binom
+
+    assert required_dev_changed(None) == MIN_CHANGED  # no test size given: no margin
+    assert abs(required_dev_changed(32) - 0.306) < 1e-3
+    shares = [required_dev_changed(n) for n in (8, 16, 32, 64, 1000)]
+    assert shares == sorted(shares, reverse=True) and MIN_CHANGED < shares[-1] < 0.22  # shrinks with the unit
+    for n in (8, 32, 64, 1000):
+        k = -(-n // 5)  # changed predictions a unit of n queries needs for 20%
+        p = required_dev_changed(n)
+        assert abs(binom.sf(k - 1, n, p) - 0.9) < 1e-9  # P(X >= k) at the required share
+
+
+def test_a_step_size_under_the_margin_is_only_taken_when_none_clears_it():
+    just_over_20 = _cand(1e-3, 0.75, 0.25)  # more accurate, but a 32-query unit would often see < 20%
+    clears = _cand(2e-3, 0.74, 0.35)
+    required = required_dev_changed(32)
+    assert choose([just_over_20, clears], n_dev=64, required=required) == (clears, "margin")
+    assert choose([just_over_20], n_dev=64, required=required) == (just_over_20, "min_changed")
+    assert choose([_cand(1e-4, 0.8, 0.1)], n_dev=64, required=required)[1] is None
+
+
+def test_a_step_size_clearly_less_accurate_than_zero_shot_is_not_chosen():
+    # zero-shot 0.80 on 64 dev x 2 N: one standard error 0.035, floor 0.729
+    towards_one_label = _cand(3e-3, 0.71, 0.50)  # moves most, within one SE of 0.74, but below the floor
+    learns = _cand(2e-3, 0.74, 0.35)
+    assert harmful(towards_one_label, 64, 0.80) and not harmful(learns, 64, 0.80)
+    assert choose([towards_one_label, learns], 64, 0.306, zero_shot_accuracy=0.80) == (learns, "margin")
+    off = choose([towards_one_label, learns], 64, 0.306, zero_shot_accuracy=0.80, max_accuracy_loss_se=None)
+    assert off == (towards_one_label, "margin")  # without the floor the stronger update wins
+    assert choose([towards_one_label], 64, 0.306, zero_shot_accuracy=0.80)[1] is None  # nothing admissible
+
+
+def test_select_gd_runs_only_the_counted_n_and_records_margin_and_floor():
+    dev = [Example(i, {"text": str(i)}, i % 2) for i in range(10)]
+    data = GDSelectionData(dev, {1: [dev[:1]], 4: [dev[:4]], 8: [dev[2:10]]})
+    ran = []
+
+    def after_gd(cfg, demos, test):
+        ran.append(len(demos))
+        return torch.tensor([e.label for e in test])  # learns the labels: 50% changed vs all-zero zero-shot
+
+    rec = select_gd(GDConfig(), [0.1], [2], data, lambda d: torch.zeros(10, dtype=torch.long), after_gd, n_test=32)
+    assert ran == [4, 8]  # N=1 neither counts nor is run
+    assert rec["grid"][0]["counted_n"] == [4, 8] and list(rec["grid"][0]["dev_accuracy"]) == ["4", "8"]
+    assert rec["required_dev_changed"] == required_dev_changed(32) and rec["n_test"] == 32
+    assert rec["met"] == "margin" and not rec["fallback"] and not rec["grid"][0]["harmful"]
+    assert rec["max_accuracy_loss_se"] == 2.0 and rec["dev_accuracy_zero_shot"] == 0.5
+
+
+def test_selection_defaults_in_code_and_shipped_config_agree():
+    import inspect
+
+    import yaml
+
+    from datamodules.icl_tasks import ICLTaskDataModule
+    from lightning_modules.probes.icl_gd import ICLvsGDProbe
+
+    cfg = yaml.safe_load(open("configs/probes/icl_gd.yaml"))
+    for cls, section, keys in (
+        (ICLvsGDProbe, "model", ("gd_lr", "gd_epochs", "gd_lr_grid", "gd_epochs_grid", "gd_max_accuracy_loss_se")),
+        (ICLTaskDataModule, "data", ("n_dev", "n_selection_sets")),
+    ):
+        defaults = inspect.signature(cls).parameters
+        for key in keys:
+            default = defaults[key].default
+            default = list(default) if isinstance(default, tuple) else default
+            assert cfg[section]["init_args"][key] == default, key

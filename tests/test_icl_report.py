@@ -44,5 +44,8 @@ def test_n0_is_kept_in_units_but_not_aggregated(tmp_path):
     assert [r["N"] for r in rows] == [4, 8] and rows[0]["ICL~GD"] == 0.55 and rows[1]["GD~ZS"] == 0.95
     table = icl_paper_report.format_table(rows)
     assert "GD~ZS" in table and "unchanged" in table and len(table.splitlines()) == 4
+    assert rows[0]["epochs"] == 2 and rows[0]["flags"] == "-"
+    agg["gd_selection"]["pretrained"]["sst2"]["fallback"] = True  # the rule could not qualify a step size
+    assert [r["flags"] for r in icl_paper_report.summary_rows(agg)] == ["fallback", "unchanged,fallback"]
     assert icl_paper_report.plot_summary(rows, tmp_path / "s.png").stat().st_size > 0
     assert icl_report.plot_sweep(agg, tmp_path / "sweep.png") is not None

@@ -28,7 +28,7 @@ from common.run_outputs import gather_objects, log_image, log_table, publish_fil
 from datamodules.icl_tasks import WorkUnit
 from lightning_modules.probes import icl_paper_report, icl_report
 from lightning_modules.probes.icl_finetune import DAI_LEARNING_RATES, GDConfig
-from lightning_modules.probes.icl_gd_selection import select_gd
+from lightning_modules.probes.icl_gd_selection import MAX_ACCURACY_LOSS_SE, select_gd
 from lightning_modules.probes.icl_lora import DEFAULT_TARGET_MODULES, LoraSettings, prepare_quantized_base
 from lightning_modules.probes.icl_runner import (
     ScoringOptions,
@@ -67,6 +67,9 @@ class ICLvsGDProbe(L.LightningModule):
         gd_lr_grid: Learning rates among which GD's step size is chosen per model variant and task on
             the datamodule's held-out dev set (see ``icl_gd_selection`` for the rule); None: use ``gd_lr``.
         gd_epochs_grid: Epoch counts searched with ``gd_lr_grid``; None: ``[gd_epochs]``.
+        gd_max_accuracy_loss_se: The selection's accuracy floor: a step size whose dev accuracy is more
+            than this many standard errors below zero-shot's is not chosen (unless nothing else is left,
+            then flagged ``fallback``); None: no floor (``icl_gd_selection``).
         gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates; a task
             the preset does not cover gets the chosen or given step size).
         batch_size: Scoring batch size.
@@ -97,8 +100,9 @@ class ICLvsGDProbe(L.LightningModule):
         gd_params: str = "all",
         gd_lr: float = 1e-3,
         gd_epochs: int = 2,
-        gd_lr_grid: Sequence[float] | None = (1e-4, 3e-4, 1e-3, 3e-3),
+        gd_lr_grid: Sequence[float] | None = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3),
         gd_epochs_grid: Sequence[int] | None = None,
+        gd_max_accuracy_loss_se: float | None = MAX_ACCURACY_LOSS_SE,
         gd_preset: str | None = None,
         batch_size: int = 16,
         reuse_prefix: bool = True,
@@ -215,6 +219,8 @@ class ICLvsGDProbe(L.LightningModule):
                 unit.selection,
                 lambda dev: predictions_of(model, tok, task, [], dev, opts),
                 lambda cfg, demos, dev: predictions_after_gd(model, tok, task, cfg, demos, dev, opts),
+                n_test=len(unit.test),
+                max_accuracy_loss_se=hp.gd_max_accuracy_loss_se,
             )
             record["seconds"] = time.perf_counter() - start
             self._selections[key] = record
@@ -223,12 +229,14 @@ class ICLvsGDProbe(L.LightningModule):
                 f"lr {c['lr']:g} x{c['epochs']}: dev acc {c['mean_dev_accuracy']:.2f}, "
                 f"changed >= {c['min_dev_changed']:.2f}"
                 f"{', collapsed' if any(c['dev_collapsed'][str(n)] for n in c['counted_n']) else ''}"
+                f"{', below zero-shot' if c['harmful'] else ''}"
                 for c in record["grid"]
             )
             rank_zero_info(
                 f"[icl_gd] {task.name}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) chosen on "
-                f"{record['n_dev']} dev examples x {record['n_selection_sets']} demo set(s) per N"
-                f"{' (fallback)' if record['fallback'] else ''} [{grid}]"
+                f"{record['n_dev']} dev examples x {record['n_selection_sets']} demo set(s) per N, needing "
+                f">= {record['required_dev_changed']:.2f} changed"
+                f"{' (fallback: ' + str(record['met'] or 'nothing moved') + ')' if record['fallback'] else ''} [{grid}]"
             )
         record = self._selections[key]
         return record["config"], {k: v for k, v in record.items() if k != "config"}

@@ -6,22 +6,33 @@ the task, and the right value differs between models and tasks by orders of magn
 (model variant, task) the probe tries a small grid of learning rates x epochs and picks one on a dev
 set that is disjoint from the test set (``datamodules.icl_tasks.GDSelectionData``):
 
-1. For every candidate and every N of the sweep, fine-tune on each of that N's selection
-   demonstration sets (``n_selection_sets`` draws) and predict the dev set; accuracy and the share of
-   zero-shot dev predictions changed are averaged over the draws. Only N >= ``MIN_MOVE_N`` count (with
+1. For every candidate and every N >= ``MIN_MOVE_N`` of the sweep, fine-tune on each of that N's
+   selection demonstration sets (``n_selection_sets`` draws) and predict the dev set; accuracy and the
+   share of zero-shot dev predictions changed are averaged over the draws. Smaller N are not run (with
    one or two demonstrations GD may rightly move little, or rightly copy the one label it saw); when
-   the sweep has no such N, every N counts.
-2. A candidate *moves* the model when, at every counted N, it changes at least ``MIN_CHANGED`` (20%)
-   of the zero-shot dev predictions, and *collapses* when for some counted N and draw all dev
-   predictions are one label.
-3. Among candidates that move and never collapse, keep those whose dev accuracy (averaged over the
-   counted N) is within one standard error of the best one's (``sqrt(p (1 - p) / n)``, n = dev
-   examples x counted N): on a few dozen dev examples they are equally accurate. Of those, pick the
-   one that moves the model most (the largest smallest-changed share; ties: the smaller learning
-   rate, then fewer epochs). Among equally accurate step sizes the stronger update is the one that
-   learned most from the demonstrations, which is what ICL is compared with; taking the weakest would
-   pull "GD" back towards zero-shot. If none qualifies, pick the highest dev accuracy among all
-   candidates and mark the choice ``fallback`` (the report flags it).
+   the sweep has no N >= ``MIN_MOVE_N``, every N counts.
+2. A candidate *moves* the model when, at every counted N, it changes at least
+   ``required_dev_changed(n_test)`` of the zero-shot dev predictions. The goal is that GD changes at
+   least ``MIN_CHANGED`` (20%) of the zero-shot predictions in every *test* unit; a test unit has only
+   ``n_test`` queries, so a step size whose true share is just over 20% lands under it about half the
+   time. The dev requirement is therefore the share at which a unit of ``n_test`` queries still
+   changes >= 20% with probability 0.9 (binomial; 30.6% for 32 queries, 26.5% for 64, 21.6% for
+   1000). This margin covers the test unit's query sample only, not the difference between its
+   demonstrations and the selection draws. A candidate *collapses* when for some counted N and draw
+   all dev predictions are one label, and is *harmful* when its dev accuracy is more than
+   ``max_accuracy_loss_se`` (default 2) standard errors below zero-shot's: a GD that makes the model clearly
+   worse than no GD has not learned the task from the demonstrations either.
+3. Among candidates that move and are neither collapsed nor harmful, keep those whose dev accuracy
+   (averaged over the counted N) is within one standard error of the best one's (``sqrt(p (1 - p) /
+   n)``, n = dev examples x counted N): on a few dozen dev examples they are equally accurate. Of
+   those, pick the one that moves the model most (the largest smallest-changed share; ties: the
+   smaller learning rate, then fewer epochs). Among equally accurate step sizes the stronger update is
+   the one that learned most from the demonstrations, which is what ICL is compared with; taking the
+   weakest would pull "GD" back towards zero-shot.
+4. If no such candidate moves by the margin, step 3 runs again with the bare ``MIN_CHANGED``
+   requirement; if none qualifies then either, the candidate with the highest dev accuracy is taken.
+   Both are marked ``fallback`` (the summary table flags its units) and ``met`` names the
+   requirement that held.
 
 The random-init control model uses the step size chosen for the pretrained model on the same task, so
 the control differs from the measurement in its weights only (and its chance-level dev accuracy would
@@ -35,22 +46,54 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from scipy.stats import beta
 
 from datamodules.icl_tasks import Example, GDSelectionData
 from lightning_modules.probes.icl_finetune import GDConfig
 
 MIN_CHANGED = 0.20
-"""A step size qualifies only if GD changes at least this share of zero-shot dev predictions: an update
-that leaves (nearly) all of them as they were makes ICL-vs-GD a comparison of ICL with zero-shot."""
+"""GD should change at least this share of the zero-shot predictions in every test unit with N >=
+``MIN_MOVE_N``: an update that leaves (nearly) all of them as they were makes ICL-vs-GD a comparison of
+ICL with zero-shot."""
 
 MIN_MOVE_N = 4
 """Smallest N whose dev results the rule counts: with 1-2 demos GD may rightly move little, or rightly
 predict the one label it was shown."""
 
+TEST_CONFIDENCE = 0.9
+"""Probability with which a test unit should reach ``MIN_CHANGED`` if its true changed share is the one
+required on dev (see ``required_dev_changed``)."""
+
+
+MAX_ACCURACY_LOSS_SE = 2.0
+"""Default of ``select_gd``'s ``max_accuracy_loss_se``: a candidate whose dev accuracy is more than this
+many standard errors below zero-shot's is not admissible. A GD that makes the model clearly worse than
+no GD has not learned the task from the demonstrations either (on SmolLM2, the step sizes that move
+MR's predictions most push them towards one label)."""
+
+
+def required_dev_changed(n_test: int | None) -> float:
+    """The changed share a step size needs on dev so that a test unit of ``n_test`` queries changes at
+    least ``MIN_CHANGED`` of them with probability ``TEST_CONFIDENCE``.
+
+    The unit's count of changed predictions is modelled as Binomial(n_test, p); it reaches ``MIN_CHANGED``
+    when it is at least ``k = ceil(MIN_CHANGED * n_test)``, and ``P(X >= k) = 0.9`` solves in closed
+    form through the beta distribution (``P(X <= k - 1) = 1 - I_p(k, n - k + 1)``). ``None``: no margin.
+    """
+    if not n_test:
+        return MIN_CHANGED
+    k = max(1, math.ceil(MIN_CHANGED * n_test - 1e-9))
+    return max(MIN_CHANGED, float(beta.ppf(TEST_CONFIDENCE, k, n_test - k + 1)))
+
+
+def counted_n(ns: Sequence[int]) -> list[int]:
+    """The N the rule counts (and runs): those >= ``MIN_MOVE_N``, or all when there are none."""
+    return sorted(n for n in ns if n >= MIN_MOVE_N) or sorted(ns)
+
 
 @dataclass(frozen=True)
 class Candidate:
-    """One grid point's dev results per N (accuracy and changed share averaged over the draws)."""
+    """One grid point's dev results per counted N (accuracy and changed share averaged over the draws)."""
 
     lr: float
     epochs: int
@@ -58,21 +101,22 @@ class Candidate:
     dev_changed: dict[int, float]
     dev_collapsed: dict[int, bool]
 
-    def _counted(self) -> list[int]:
-        return [n for n in self.dev_accuracy if n >= MIN_MOVE_N] or list(self.dev_accuracy)
+    @property
+    def counted(self) -> list[int]:
+        return counted_n(list(self.dev_accuracy))
 
     @property
     def mean_accuracy(self) -> float:
-        counted = self._counted()
+        counted = self.counted
         return sum(self.dev_accuracy[n] for n in counted) / len(counted)
 
     @property
     def min_changed(self) -> float:
-        return min(self.dev_changed[n] for n in self._counted())
+        return min(self.dev_changed[n] for n in self.counted)
 
     @property
     def collapsed(self) -> bool:
-        return any(self.dev_collapsed[n] for n in self._counted())
+        return any(self.dev_collapsed[n] for n in self.counted)
 
     def as_dict(self) -> dict:
         return {
@@ -81,24 +125,62 @@ class Candidate:
             "dev_accuracy": {str(n): v for n, v in self.dev_accuracy.items()},
             "dev_changed_vs_zero_shot": {str(n): v for n, v in self.dev_changed.items()},
             "dev_collapsed": {str(n): v for n, v in self.dev_collapsed.items()},
-            "counted_n": self._counted(),
+            "counted_n": self.counted,
             "mean_dev_accuracy": self.mean_accuracy,
             "min_dev_changed": self.min_changed,
         }
 
 
-def choose(candidates: Sequence[Candidate], n_dev: int) -> tuple[Candidate, bool]:
-    """The rule in the module docstring: ``(chosen, fallback)``."""
+def standard_error(accuracy: float, n_dev: int, candidate: Candidate) -> float:
+    """``sqrt(p (1 - p) / n)`` of a dev accuracy, n = dev examples x the N the rule counts."""
+    n = max(1, n_dev * len(candidate.counted))
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def _most_moving_of_the_accurate(qualified: list[Candidate], n_dev: int) -> Candidate:
+    """Step 3 of the rule: the largest move among those within one standard error of the best accuracy."""
+    best = max(qualified, key=lambda c: c.mean_accuracy)
+    tolerance = standard_error(best.mean_accuracy, n_dev, best)
+    equal = [c for c in qualified if c.mean_accuracy >= best.mean_accuracy - tolerance - 1e-12]
+    return max(equal, key=lambda c: (round(c.min_changed, 12), -c.lr, -c.epochs))
+
+
+def harmful(
+    candidate: Candidate, n_dev: int, zero_shot_accuracy: float | None, max_loss_se: float | None = MAX_ACCURACY_LOSS_SE
+) -> bool:
+    """GD made the model clearly less accurate on dev than no GD at all: more than ``max_loss_se``
+    standard errors (of the zero-shot accuracy, as in step 3) below it. None on either side: never."""
+    if zero_shot_accuracy is None or max_loss_se is None:
+        return False
+    floor = zero_shot_accuracy - max_loss_se * standard_error(zero_shot_accuracy, n_dev, candidate)
+    return candidate.mean_accuracy < floor - 1e-12
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    n_dev: int,
+    required: float = MIN_CHANGED,
+    zero_shot_accuracy: float | None = None,
+    max_accuracy_loss_se: float | None = MAX_ACCURACY_LOSS_SE,
+) -> tuple[Candidate, str | None]:
+    """The rule in the module docstring: ``(chosen, met)``.
+
+    ``met`` is ``"margin"`` when the chosen step size changes ``required`` of the dev predictions at
+    every counted N, ``"min_changed"`` when only ``MIN_CHANGED`` held for any admissible candidate, None
+    when none moved enough without collapsing or costing accuracy (the most accurate one is returned).
+    ``zero_shot_accuracy`` (dev) and ``max_accuracy_loss_se`` set the accuracy floor; None: no floor.
+    """
     if not candidates:
         raise ValueError("GD step-size selection needs at least one candidate")
-    qualified = [c for c in candidates if c.min_changed >= MIN_CHANGED and not c.collapsed]
-    if not qualified:
-        return max(candidates, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs)), True
-    best = max(c.mean_accuracy for c in qualified)
-    n = max(1, n_dev * len(qualified[0].as_dict()["counted_n"]))
-    tolerance = math.sqrt(best * (1 - best) / n)
-    equal = [c for c in qualified if c.mean_accuracy >= best - tolerance - 1e-12]
-    return max(equal, key=lambda c: (round(c.min_changed, 12), -c.lr, -c.epochs)), False
+    admissible = [
+        c for c in candidates if not c.collapsed and not harmful(c, n_dev, zero_shot_accuracy, max_accuracy_loss_se)
+    ]
+    tiers = [("margin", required)] + ([("min_changed", MIN_CHANGED)] if required > MIN_CHANGED else [])
+    for met, threshold in tiers:
+        qualified = [c for c in admissible if c.min_changed >= threshold - 1e-12]
+        if qualified:
+            return _most_moving_of_the_accurate(qualified, n_dev), met
+    return max(candidates, key=lambda c: (round(c.mean_accuracy, 12), -c.lr, -c.epochs)), None
 
 
 def collapsed(preds: torch.Tensor) -> bool:
@@ -113,6 +195,8 @@ def select_gd(
     data: GDSelectionData,
     predict_zero_shot: Callable[[list[Example]], torch.Tensor],
     predict_after_gd: Callable[[GDConfig, list[Example], list[Example]], torch.Tensor],
+    n_test: int | None = None,
+    max_accuracy_loss_se: float | None = MAX_ACCURACY_LOSS_SE,
 ) -> dict:
     """Run the grid and return the selection record (its ``config`` is the GDConfig to use).
 
@@ -123,36 +207,52 @@ def select_gd(
         data: The task's dev set and per-N selection demonstrations.
         predict_zero_shot: ``dev -> predictions`` of the untouched model.
         predict_after_gd: ``(config, demos, dev) -> predictions`` after GD on ``demos``.
+        n_test: Queries per test unit; sets the dev margin (``required_dev_changed``). None: no margin.
+        max_accuracy_loss_se: The accuracy floor of step 2 in standard errors below zero-shot; None: off.
     """
     if not data.demos:
         raise ValueError("GD step-size selection needs at least one N > 0 in the sweep")
     labels = torch.tensor([e.label for e in data.dev])
-    n_sets = max(len(draws) for draws in data.demos.values())
+    ns = counted_n(list(data.demos))
+    n_sets = max(len(data.demos[n]) for n in ns)
+    required = required_dev_changed(n_test)
     zs = predict_zero_shot(data.dev)
     candidates = []
     for lr in lr_grid:
         for epochs in epochs_grid:
             cfg = replace(base, lr=float(lr), epochs=int(epochs), preset=None)
             acc, changed, coll = {}, {}, {}
-            for n, draws in sorted(data.demos.items()):
-                runs = [predict_after_gd(cfg, demos, data.dev) for demos in draws]
+            for n in ns:
+                runs = [predict_after_gd(cfg, demos, data.dev) for demos in data.demos[n]]
                 acc[n] = sum(float((p == labels).double().mean()) for p in runs) / len(runs)
                 changed[n] = sum(float((p != zs).double().mean()) for p in runs) / len(runs)
                 coll[n] = any(collapsed(p) for p in runs)
             candidates.append(Candidate(float(lr), int(epochs), acc, changed, coll))
-    best, fallback = choose(candidates, len(data.dev))
+    zs_accuracy = float((zs == labels).double().mean())
+    best, met = choose(candidates, len(data.dev), required, zs_accuracy, max_accuracy_loss_se)
     return {
         "rule": (
-            f"among candidates changing >= {MIN_CHANGED:.0%} of zero-shot dev predictions at every N >= "
-            f"{MIN_MOVE_N} without collapsing to one label (averaged over {n_sets} demonstration set(s) per N), "
-            f"the one that changes most among those within one standard error of the best dev accuracy"
+            f"among candidates changing >= {required:.1%} of zero-shot dev predictions at every N in {ns} "
+            f"(so a {n_test}-query test unit changes >= {MIN_CHANGED:.0%} with probability {TEST_CONFIDENCE:g}) "
+            f"without collapsing to one label"
+            + (f" or losing more than {max_accuracy_loss_se:g} standard errors of zero-shot dev accuracy"
+               if max_accuracy_loss_se is not None else "")
+            + f" (averaged over {n_sets} demonstration set(s) per N), the one that changes "
+            f"most among those within one standard error of the best dev accuracy; else the same with >= "
+            f"{MIN_CHANGED:.0%}; else the most accurate (fallback)"
         ),
         "n_dev": len(data.dev),
         "n_selection_sets": n_sets,
+        "n_test": n_test,
+        "required_dev_changed": required,
+        "max_accuracy_loss_se": max_accuracy_loss_se,
         "dev_indices": [e.index for e in data.dev],
-        "dev_accuracy_zero_shot": float((zs == labels).double().mean()),
-        "grid": [c.as_dict() for c in candidates],
+        "dev_accuracy_zero_shot": zs_accuracy,
+        "grid": [
+            c.as_dict() | {"harmful": harmful(c, len(data.dev), zs_accuracy, max_accuracy_loss_se)} for c in candidates
+        ],
         "selected": {"lr": best.lr, "epochs": best.epochs},
-        "fallback": fallback,
+        "met": met,
+        "fallback": met != "margin",
         "config": replace(base, lr=best.lr, epochs=best.epochs, preset=None),
     }

@@ -1,7 +1,8 @@
 """The probe's paper-facing summary: one short table and one PNG (matplotlib, no Lightning).
 
 Per task and N (pretrained model, N > 0): ICL and GD accuracy, ICL-vs-GD top-1 agreement, GD-vs-zero-shot
-agreement (how far GD moved the model), the GD flags, and the order experiment's pairwise disagreement
+agreement (how far GD moved the model), the chosen GD step size, the GD flags (and `fallback` where the
+selection rule could not qualify one), and the order experiment's pairwise disagreement
 for ICL and full-batch GD. ``python -m lightning_modules.probes.icl_paper_report <icl_gd_results.json>``
 prints the table and writes the PNG beside the results, so an existing run can be summarised again.
 """
@@ -20,6 +21,7 @@ COLUMNS = (
     "task",
     "N",
     "lr",
+    "epochs",
     "acc ZS",
     "acc ICL",
     "acc GD",
@@ -40,6 +42,8 @@ def summary_rows(agg: dict, variant: str = "pretrained") -> list[dict]:
         for n in sorted(by_n, key=int):
             r = by_n[n]
             chosen = selection.get(task, {}).get("selected", {})
+            # a step size the selection rule could not qualify (icl_gd_selection, step 4) is flagged too
+            fallback = ["fallback"] if selection.get(task, {}).get("fallback") else []
             rows.append(
                 {
                     "task": task,
@@ -52,7 +56,8 @@ def summary_rows(agg: dict, variant: str = "pretrained") -> list[dict]:
                     "GD~ZS": r.get("gd_vs_zero_shot_agreement"),
                     "order ICL": order.get("icl", {}).get("pairwise_disagreement"),
                     "order GD": order.get("gd_full_batch", {}).get("pairwise_disagreement"),
-                    "flags": ",".join(r.get("gd_flags", [])) or "-",
+                    "epochs": chosen.get("epochs"),
+                    "flags": ",".join([*r.get("gd_flags", []), *fallback]) or "-",
                 }
             )
     return rows

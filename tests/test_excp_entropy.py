@@ -216,3 +216,13 @@ def test_rans_chain_round_trips(rans_chain):
     ckpt = load_checkpoint(paths[-1])
     assert ckpt["state_dict"]["w"].shape == (64, 64)
     assert json.dumps(ExCPFile.open(paths[-1]).header["settings"]["target_bits_per_param"]) == "1.0"
+
+
+def test_an_extremely_sparse_stream_decodes():
+    """constriction codes a nearly-constant stream in fewer bits than the 14-bit table suggests: the
+    reader's size check must allow what the coder really writes (a SmolLM2 delta hit this)."""
+    from callbacks.excp.quantize import decode_indices, encode_indices
+
+    stream = np.zeros(884_736, np.uint8)
+    stream[np.arange(15) * 1000] = np.arange(1, 16)
+    assert np.array_equal(decode_indices(encode_indices(stream), stream.size), stream)

@@ -76,15 +76,16 @@ def test_resume_through_compressed_chain(tiny_model_config, cpu_trainer_kwargs, 
     assert len(ratios) == 4 and max(ratios) > 3
     assert any(r.get("excp/bits_per_param_v") for r in rows)
 
-    # resume from the delta at step 6: the chain is replayed, counters are exact, training continues
+    # resume from the delta at step 4: the chain is replayed, counters are exact, training continues
     rec2 = _Recorder()
     excp2 = ExCP(codec=ExCPSettings(keyframe_interval=3))
     mc2 = ModelCheckpoint(dirpath=tmp_path / "resumed", filename="{step}", every_n_train_steps=2, save_top_k=-1)
     t2 = _trainer(cpu_trainer_kwargs, tmp_path, [excp2, mc2, rec2], 8)
-    t2.fit(_module(tiny_model_config), datamodule=_data(), ckpt_path=str(files[6]))
-    assert rec2.start_step == 6 and rec2.adam_steps == {6.0}
+    t2.fit(_module(tiny_model_config), datamodule=_data(), ckpt_path=str(files[4]))
+    assert rec2.start_step == 4 and rec2.adam_steps == {4.0}
     assert t2.global_step == 8
-    assert excp2.history[0]["keyframe"] == 1.0  # a resume starts a new chain
+    # the resume continues the loaded chain (step 6 is its third file), the interval still bounds it
+    assert [h["keyframe"] for h in excp2.history] == [0.0, 1.0]
     # loss continues where it was, far from the untrained model's
     start = rec1.losses[1]
     before = (rec1.losses[7] + rec1.losses[8]) / 2

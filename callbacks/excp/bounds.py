@@ -36,7 +36,7 @@ def lossless_bytes(header: dict[str, Any]) -> int:
     for entry in header["entries"] if header["kind"] != "twin" else []:
         if entry["w_mode"] == "lossless":
             total += _tensor_bytes(entry["shape"], entry["dtype"])
-            for key in ("m", "v"):
+            for key in ("m", "v") if entry.get("moments") != "quantized" else ():
                 if entry.get(key) is not None:
                     total += _tensor_bytes(entry["shape"], entry[key]["dtype"])
     return total + sum(_tensor_bytes(extra["shape"], extra["dtype"]) for extra in header["extras"])

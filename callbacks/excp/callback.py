@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from callbacks.excp.bases import find_pretrained_base
 from callbacks.excp.checkpoint_io import ExCPCheckpointIO
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.deepspeed_files import has_excp_files
@@ -41,9 +43,10 @@ class ExCP(Callback):
     At ``setup`` it installs an :class:`ExCPCheckpointIO` on the strategy, so checkpoints written by
     ``ModelCheckpoint`` (any ``every_n_train_steps``/``save_top_k``/``save_last``/``monitor``) or
     ``trainer.save_checkpoint`` become ExCP files, and ``trainer.fit(ckpt_path=<ExCP file>)``
-    resumes through the chain (Lightning restores checkpoints after callbacks' setup). Resuming
-    starts a new chain with a keyframe. Deltas are lossy by design: weights and Adam moments are
-    pruned and quantized; everything else (steps, schedulers, loops, RNG, ...) is exact.
+    resumes through the chain (Lightning restores checkpoints after callbacks' setup). A resumed
+    run continues the chain it loaded (its first save is a delta, also into another folder, whose
+    ``.excp_refs/`` then links the files it needs). Deltas are lossy by design: weights and Adam
+    moments are pruned and quantized; everything else (steps, schedulers, loops, RNG, ...) is exact.
 
     Args:
         codec: the codec settings (:class:`~callbacks.excp.codec.ExCPSettings`: bits per stream,
@@ -56,6 +59,12 @@ class ExCP(Callback):
         upload_artifacts: at the end of ``fit``, upload the compressed checkpoints (with the chain
             files they need) as one W&B artifact when a ``WandbLogger`` is attached.
         print_summary: print where the checkpoints are and the ratio achieved at the end of ``fit``.
+        start_from: ``"auto"``: a fresh run whose model holds exactly the weights of the safetensors
+            it was loaded from (``from_pretrained``: continued pretraining, fine-tuning) codes its
+            first checkpoint as a delta against them, named by sha256, instead of a lossless keyframe
+            (~1.2x); a resume with the same model config, or ``--base``/``base=`` for standalone
+            readers, supplies them again. A model built from scratch (or changed before training)
+            starts with a keyframe. ``"keyframe"``: always start with a keyframe (self-contained files).
 
     Raises:
         UserFacingError: at ``setup``, when the strategy bypasses the CheckpointIO, another
@@ -69,8 +78,12 @@ class ExCP(Callback):
         log_stats: bool = True,
         upload_artifacts: bool = False,
         print_summary: bool = True,
+        start_from: str = "auto",
     ) -> None:
         super().__init__()
+        if start_from not in ("auto", "keyframe"):
+            raise UserFacingError(f"ExCP start_from={start_from!r} is invalid: use 'auto' or 'keyframe'")
+        self.start_from = start_from
         if codec is not None and not isinstance(codec, ExCPSettings):
             raise UserFacingError(
                 f"ExCP codec must be ExCPSettings (in YAML a mapping such as {{bits_w: 4}}), got {type(codec).__name__}"
@@ -109,7 +122,9 @@ class ExCP(Callback):
         elif isinstance(current, ExCPCheckpointIO):
             pass  # setup runs again for another stage (fit, then test): keep the chains
         elif type(current) is TorchCheckpointIO:
-            self._io = ExCPCheckpointIO(self.settings, names=self._names, on_save=self._on_save)
+            self._io = ExCPCheckpointIO(
+                self.settings, names=self._names, on_save=self._on_save, initial_weights=self._initial_weights
+            )
             strategy.checkpoint_io = self._io
         else:
             raise UserFacingError(
@@ -117,6 +132,28 @@ class ExCP(Callback):
                 "Remove that plugin or the ExCP callback."
             )
         self._trainer = trainer
+
+    def _initial_weights(self) -> dict[str, Any]:
+        """The module's weights when a checkpoint is restored (as built, before the restore)."""
+        assert self._trainer is not None
+        return self._trainer.lightning_module.state_dict()
+
+    def _start_from_pretrained(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a fresh run, start chains from the pretrained weights the module was loaded from, if any."""
+        if self.start_from != "auto" or trainer.ckpt_path is not None or self._io is None:
+            return
+        if any(type(p) is not torch.nn.Parameter for p in pl_module.parameters()):
+            return  # sharded or quantized parameters: their files are not the module's tensors
+        found = find_pretrained_base(pl_module)
+        if found is None:
+            return
+        weights, source = found
+        self._io.start_from_base(weights, source)
+        rank_zero_info(
+            f"ExCP: checkpoints are coded against the pretrained weights in {source['path']} "
+            f"({len(weights)} tensors), which a reader needs again; ExCP(start_from='keyframe') writes "
+            "self-contained files"
+        )
 
     def _names(self) -> tuple[set[str], list[list[str | None]]]:
         trainer = self._trainer
@@ -170,6 +207,7 @@ class ExCP(Callback):
         # (ModelCheckpoint resolves its folder in its own setup, so this runs after every setup)
         if self._io is None or not trainer.is_global_zero:
             return
+        self._start_from_pretrained(trainer, pl_module)
         for callback in trainer.checkpoint_callbacks:
             folder = getattr(callback, "dirpath", None)
             if folder and os.path.isdir(folder):

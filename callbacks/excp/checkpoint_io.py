@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO
 from typing_extensions import override
@@ -16,6 +17,7 @@ from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.store import ChainStore
 
 NameProvider = Callable[[], tuple[Collection[str] | None, Sequence[Sequence[str | None] | None] | None]]
+WeightsProvider = Callable[[], Mapping[str, torch.Tensor]]
 SaveListener = Callable[[Path, dict[str, float]], None]
 
 
@@ -36,6 +38,9 @@ class ExCPCheckpointIO(CheckpointIO):
         names: returns ``(parameter names, per-optimizer slot names)`` from the live model, so
             optimizer state is matched to parameters by ``param_groups`` order (None: inferred).
         on_save: called after each successful write with the path and the encode statistics.
+        initial_weights: returns the model's weights as built before a checkpoint is restored: a
+            chain that starts from the run's pretrained weights (:meth:`start_from_base`) is
+            decoded against them when their hash matches.
     """
 
     def __init__(
@@ -43,11 +48,17 @@ class ExCPCheckpointIO(CheckpointIO):
         settings: ExCPSettings | None = None,
         names: NameProvider | None = None,
         on_save: SaveListener | None = None,
+        initial_weights: WeightsProvider | None = None,
     ) -> None:
         self._store = ChainStore(settings)  # one chain per folder (e.g. two ModelCheckpoints)
         self._last_dir: str | None = None
         self._names = names
         self._on_save = on_save
+        self._initial_weights = initial_weights
+
+    def start_from_base(self, weights: dict[str, torch.Tensor], source: dict[str, Any] | None = None) -> None:
+        """Start every new chain with a delta against ``weights`` (kept, not copied) instead of a keyframe."""
+        self._store.start_from_base(weights, source)
 
     @property
     def settings(self) -> ExCPSettings:
@@ -80,7 +91,7 @@ class ExCPCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return self._store.load(path, weights_only=weights_only)
+        return self._store.load(path, weights_only=weights_only, base=self._initial_weights)
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:

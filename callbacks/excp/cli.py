@@ -2,7 +2,8 @@
 
 * ``compress INPUT... -o DIR``: Lightning ``.ckpt`` files and/or Hugging Face Trainer checkpoint
   folders, ordered by training step, coded as one chain (``DIR/<name>.excp``).
-* ``decompress FILE.excp... -o DIR``: writes each back in its original format (``.ckpt`` or folder); a
+* ``decompress FILE.excp... -o DIR [--base FOLDER]``: writes each back in its original format (``.ckpt``
+  or folder; ``--base``: the pretrained model a chain started from, when it is not where it was); a
   DeepSpeed checkpoint folder with ExCP files becomes the folder the engine wrote (``DIR/<name>``), which
   DeepSpeed's ``zero_to_fp32.py`` reads (needs the ``deepspeed`` package for its file types).
 * ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity and the chain
@@ -75,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
     d.add_argument("inputs", nargs="+", type=Path, help=".excp files and/or DeepSpeed checkpoint folders")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder to write into")
+    d.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="safetensors folder or file of the pretrained model a chain started from (default: the folder "
+        "recorded in the file); verified by sha256",
+    )
     for command in (c, d):
         command.add_argument(
             "--force", action="store_true", help="replace existing outputs and allow writing into an input's folder"
@@ -220,7 +228,7 @@ def _decompress(args: argparse.Namespace) -> None:
     outputs = {src: args.output / _output_name(src) for src in args.inputs}
     _check_outputs(list(args.inputs), list(outputs.values()), args.output, args.force, keep_excp=True)
     weights_only = not args.trust_pickles
-    for src, ckpt in decode_sequence(args.inputs, weights_only=weights_only):
+    for src, ckpt in decode_sequence(args.inputs, weights_only=weights_only, base=args.base):
         fmt = ExCPFile.open(src).header.get("meta", {}).get("format", LIGHTNING)
         write_any(ckpt, fmt, outputs[src])
         print(f"{src} -> {outputs[src]}")

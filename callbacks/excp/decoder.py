@@ -17,12 +17,13 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.bases import BaseSource, resolve_base
 from callbacks.excp.blockwise8bit import restore_8bit_states
 from callbacks.excp.bounds import check_lossless_size
 from callbacks.excp.codec import decode_param
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
-from callbacks.excp.references import chain_paths
+from callbacks.excp.references import chain_paths, starts_chain
 from callbacks.excp.safe_pickle import UnsafePickleError, load_metadata
 from callbacks.excp.split import set_at
 from callbacks.excp.threads import intra_op_threads
@@ -49,7 +50,7 @@ def _verify_reference(file: ExCPFile, reference: ExCPFile) -> None:
 def open_chain(path: str | os.PathLike) -> list[ExCPFile]:
     """Open and verify every file ``path`` needs, keyframe first, each reference checked by hash."""
     files = [ExCPFile.open(p) for p in chain_paths(path)]
-    if files[0].header.get("kind") != "keyframe":
+    if not starts_chain(files[0].header):
         raise ExCPFormatError(files[0].path, "chain does not start with a keyframe (file is corrupted)")
     for reference, file in zip(files, files[1:], strict=False):
         _verify_reference(file, reference)
@@ -72,8 +73,10 @@ def _decode_entry(
                 file.path, f"tensor {name} is quantized against a reference that lacks it or has another shape"
             )
     first, second = entry.get("m"), entry.get("v")
+    # a keyframe written with keyframe_moments="lossy" quantizes its moments as a delta does
+    moments_kind = "delta" if entry.get("moments") == "quantized" else file.header["kind"]
     return decode_param(
-        kind=file.header["kind"],
+        kind=moments_kind,
         w_mode=entry["w_mode"],
         w_blob=file.record(entry["rec_w"]),
         m_blob=None if (first is None or skip_moments) else file.record(first["rec"]),
@@ -115,8 +118,17 @@ def _decode_file(file: ExCPFile, reference: Weights | None, skip_moments: bool) 
     return weights, moments
 
 
-def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -> dict[str, Any]:
-    """Rebuild the checkpoint dict stored at ``path``, replaying its chain from the keyframe.
+def _chain_start(file: ExCPFile, base: BaseSource | None) -> Weights | None:
+    """The weights a chain's first file was coded against: its base (verified by hash), or None for a keyframe."""
+    if file.header["kind"] == "keyframe":
+        return None
+    return resolve_base(file.path, file.header.get("base"), base)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+) -> dict[str, Any]:
+    """Rebuild the checkpoint dict stored at ``path``, replaying its chain from the keyframe (or base).
 
     Args:
         path: an ExCP file.
@@ -125,16 +137,20 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -
             hold, and refuses files declaring far more lossless tensor bytes than their size
             (:mod:`callbacks.excp.bounds`); False trusts the file completely: a crafted file then runs
             arbitrary code or allocates what it claims.
+        base: the weights the run started from, for a chain whose first file was coded against them
+            (see :mod:`callbacks.excp.bases`): a weights dict, a function returning one, or a
+            safetensors folder or file; the folder recorded in the file is tried after it.
 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, not the reference it should be, or
-            its metadata needs a type that cannot be loaded safely.
+            its metadata needs a type that cannot be loaded safely, or its chain starts from base
+            weights that ``base`` (nor the recorded source) does not provide.
     """
     with intra_op_threads():
         files = open_chain(path)
         _check_sizes(files, trusted=weights_only is False)
         kinds = [f.header["kind"] for f in files]
-        weights: Weights | None = None
+        weights: Weights | None = _chain_start(files[0], base)
         moments: Moments = {}
         for position, file in enumerate(files):
             # moments come from the last file that holds tensors (later files are its twins)
@@ -202,13 +218,13 @@ def _assemble(file: ExCPFile, weights: Weights, moments: Moments, trust_pickles:
 
 
 def decode_sequence(
-    paths: Sequence[str | os.PathLike], weights_only: bool | None = True
+    paths: Sequence[str | os.PathLike], weights_only: bool | None = True, base: BaseSource | None = None
 ) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Decode a series of files of one chain in order, replaying each file once (not once per file).
 
     The first file's chain is replayed as in :func:`load_checkpoint`; each later file that
     references the previous one continues from it (after checking its sha256), any other file
-    rebuilds its own chain. ``weights_only`` as in :func:`load_checkpoint`.
+    rebuilds its own chain. ``weights_only`` and ``base`` as in :func:`load_checkpoint`.
     """
     trust = weights_only is False
     previous: ExCPFile | None = None
@@ -230,7 +246,7 @@ def decode_sequence(
             chain = open_chain(path)
             _check_sizes(chain, trust)
             file = chain[-1]
-            weights, moments = None, {}
+            weights, moments = _chain_start(chain[0], base), {}
             holders = [i for i, earlier in enumerate(chain[:-1]) if earlier.header["kind"] != "twin"]
             for position, earlier in enumerate(chain[:-1]):
                 need_moments = kind == "twin" and position == holders[-1]

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.bases import base_record
 from callbacks.excp.blockwise8bit import expand_8bit_states
 from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe
-from callbacks.excp.fileformat import build_file
+from callbacks.excp.fileformat import ExCPFile, build_file
 from callbacks.excp.quantize import dtype_name, encode_lossless
 from callbacks.excp.rate import SMALL_NUMEL
 from callbacks.excp.references import reference_available
@@ -65,13 +66,16 @@ class _CodedTensors:
     counts: dict[str, int]
     recon: dict[str, torch.Tensor]
     reference: dict[str, str] | None
+    base: dict[str, Any] | None = None
 
 
 class ExCPEncoder:
     """Stateful chain encoder: keeps the reconstruction a reader will hold (closed loop).
 
     Call :meth:`encode`, write :attr:`Encoded.data`, then :meth:`commit` with the path written, so a
-    failed write never advances the chain. :meth:`reset` starts a new chain (next file a keyframe).
+    failed write never advances the chain. :meth:`reset` starts a new chain (next file a keyframe),
+    :meth:`start_from_base` a chain whose first file is a delta against the weights the run began with,
+    :meth:`continue_from` continues a chain a resumed run loaded (no new keyframe).
     """
 
     def __init__(self, settings: ExCPSettings | None = None) -> None:
@@ -82,8 +86,52 @@ class ExCPEncoder:
         """Forget the chain: the next checkpoint becomes a keyframe."""
         self._reference_weights: dict[str, torch.Tensor] | None = None
         self._head: dict[str, Any] | None = None
+        self._base: dict[str, Any] | None = None
         self._chain_index = -1
         self._last_saved: dict[str, Any] | None = None
+
+    def start_from_base(
+        self, weights: dict[str, torch.Tensor], source: dict[str, Any] | None = None, copy: bool = True
+    ) -> str:
+        """Code the next checkpoint as a delta against ``weights`` (the model the run started from).
+
+        The file names them by content hash (:func:`~callbacks.excp.bases.base_record`) instead of
+        storing a keyframe, so a reader must be given the same weights again. Returns their sha256.
+
+        Args:
+            weights: keyed like the checkpoints' ``state_dict``.
+            source: where a reader finds them again, e.g. ``{"path": folder, "prefix": "model."}`` for
+                safetensors files whose keys lack the module's prefix; None when only the caller knows.
+            copy: copy ``weights`` (True unless the caller guarantees nothing modifies them, e.g.
+                tensors read from files: a module's ``state_dict()`` shares storage with training).
+        """
+        self.reset()
+        record = base_record(weights, source)
+        kept = {n: weights[n].detach().cpu() for n in record["names"]}
+        self._reference_weights = {n: t.clone() for n, t in kept.items()} if copy else kept
+        self._base = record
+        self._chain_index = 0
+        return record["sha256"]
+
+    def continue_from(self, file: ExCPFile, weights: dict[str, torch.Tensor]) -> None:
+        """Continue the chain of ``file`` (just loaded by a resume) instead of starting a keyframe.
+
+        Args:
+            file: the loaded file; a delta written into another folder finds it there or in that
+                folder's ``.excp_refs/`` (the caller links the chain in, see
+                :func:`~callbacks.excp.references.link_chain_into`).
+            weights: the weights a reader decodes from it (the closed loop continues from them); kept,
+                not copied: pass decoded tensors nothing modifies.
+        """
+        self.reset()
+        self._reference_weights = {n: t.detach().cpu() for n, t in weights.items()}
+        self._head = {
+            "file_id": file.header["file_id"],
+            "sha256": file.sha256,
+            "name": Path(file.path).name,
+            "dir": str(Path(file.path).parent),
+        }
+        self._chain_index = int(file.header["chain_index"])
 
     @property
     def head(self) -> dict[str, Any] | None:
@@ -136,11 +184,9 @@ class ExCPEncoder:
             )
 
     def _continues_head(self, target: Path) -> bool:
-        return (
-            self._head is not None
-            and Path(self._head["dir"]).resolve() == target.parent.resolve()
-            and reference_available(target, self._head)
-        )
+        if self._base is not None and self._head is None:
+            return True  # the base is found by hash, wherever the file goes
+        return self._head is not None and reference_available(target, self._head)
 
     def _needs_keyframe(self, target: Path) -> bool:
         return (
@@ -180,6 +226,10 @@ class ExCPEncoder:
         records: list[tuple[str, bytes]] = []
         counts = dict.fromkeys(_STAT_KEYS, 0)
         entries = [_index_entry(entry, code, records, counts) for entry, code in zip(split.entries, codes, strict=True)]
+        if keyframe and self.settings.keyframe_moments == "lossy":
+            for index in entries:
+                if index["m"] is not None:
+                    index["moments"] = "quantized"
         return _CodedTensors(
             kind="keyframe" if keyframe else "delta",
             chain_index=0 if keyframe else self._chain_index + 1,
@@ -187,7 +237,8 @@ class ExCPEncoder:
             entries=entries,
             counts=counts,
             recon={entry.name: code.recon_w for entry, code in zip(split.entries, codes, strict=True)},
-            reference=None if keyframe else self._reference_record(),
+            reference=None if keyframe or self._head is None else self._reference_record(),
+            base=self._base if not keyframe and self._head is None else None,
         )
 
     def _code_params(self, entries: list[ParamEntry], keyframe: bool) -> list[ParamCode]:
@@ -200,10 +251,13 @@ class ExCPEncoder:
             return previous
 
         def code(position: int, entry: ParamEntry, s: ExCPSettings) -> ParamCode:
-            if keyframe:
-                return encode_param_keyframe(entry.weight, entry.first_moment, entry.second_moment, s)
             generator = torch.Generator().manual_seed(s.seed * 1_000_003 + position)
             moments = (entry.first_moment, entry.second_moment)
+            if keyframe and s.keyframe_moments == "lossy" and entry.first_moment is not None:
+                # exact weights (no reference), moments quantized, none pruned but exact zeros
+                return encode_param_delta(entry.weight, None, *moments, replace(s, beta=0.0), generator)
+            if keyframe:
+                return encode_param_keyframe(entry.weight, *moments, s)
             return encode_param_delta(entry.weight, reference(entry), *moments, s, generator)
 
         def code_all(positions: list[int], s: ExCPSettings) -> list[ParamCode]:
@@ -252,6 +306,7 @@ class ExCPEncoder:
             "kind": coded.kind,
             "chain_index": coded.chain_index,
             "ref": coded.reference,
+            **({"base": coded.base} if coded.base is not None else {}),
             "settings": self.settings.to_dict(),
             "entries": coded.entries,
             "aliases": [{"path": list(path), "of": name} for path, name in split.aliases],
@@ -267,6 +322,7 @@ class ExCPEncoder:
         self._head = {"file_id": encoded.file_id, "sha256": encoded.sha256, "name": path.name, "dir": str(path.parent)}
         self._chain_index = encoded.header["chain_index"]
         self._last_saved = encoded.twin
+        self._base = None  # later files reference this one
 
 
 def _index_entry(

@@ -219,7 +219,8 @@ def _header_problem(header: dict[str, Any]) -> str | None:
         return "unknown file kind"
     if not isinstance(header.get("file_id"), str) or not _is_int(header.get("chain_index")):
         return "no file id or chain index"
-    if header["kind"] != "keyframe" and not isinstance(header.get("ref"), dict):
+    starts_from_base = header["kind"] == "delta" and header.get("ref") is None and isinstance(header.get("base"), dict)
+    if header["kind"] != "keyframe" and not isinstance(header.get("ref"), dict) and not starts_from_base:
         return "a delta without a reference"
     for key in ("entries", "aliases", "extras"):
         if not isinstance(header.get(key), list):

@@ -286,6 +286,8 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.complex128,
     )
 }
+KNOWN_DTYPE_NAMES = frozenset(_DTYPES)
+"""Dtype names a header may carry."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

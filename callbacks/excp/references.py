@@ -37,8 +37,10 @@ __all__ = [
     "preserve_for_chain",
     "reference_available",
     "remove_stale_temporaries",
+    "link_chain_into",
     "resolve_reference",
     "retire",
+    "starts_chain",
 ]
 
 REFS_DIR = ".excp_refs"
@@ -165,7 +167,7 @@ def chain_paths(path: str | os.PathLike) -> list[Path]:
     chain = [Path(path)]
     header = read_header(path)
     seen_ids = {header.get("file_id")}
-    while header.get("kind") in ("delta", "twin"):
+    while not starts_chain(header):
         if len(chain) > MAX_CHAIN_LENGTH:
             raise ExCPFormatError(path, f"its reference chain is longer than {MAX_CHAIN_LENGTH} files")
         ref_path = resolve_reference(chain[-1], header)
@@ -175,6 +177,33 @@ def chain_paths(path: str | os.PathLike) -> list[Path]:
         seen_ids.add(header.get("file_id"))
         chain.append(ref_path)
     return chain[::-1]
+
+
+def starts_chain(header: dict[str, Any]) -> bool:
+    """True for a chain's first file: a keyframe, or a delta coded against base weights (no file reference)."""
+    kind = header.get("kind")
+    return kind not in ("delta", "twin") or (
+        kind == "delta" and header.get("ref") is None and isinstance(header.get("base"), dict)
+    )
+
+
+def link_chain_into(path: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Make ``path`` and every file its chain needs reachable from ``directory`` (``.excp_refs/<id>.excp``).
+
+    A resumed run that saves into another folder continues the chain it loaded: its first delta
+    references a file of the old folder, which must survive that folder's deletion. Hard links cost
+    no space (copies where the filesystem has none); garbage collection drops them once no live
+    checkpoint of ``directory`` needs them.
+    """
+    refs = Path(directory) / REFS_DIR
+    for file in chain_paths(path):
+        file_id = read_header(file).get("file_id")
+        if not isinstance(file_id, str):
+            raise ExCPFormatError(file, "its header has no file id (file is corrupted)")
+        refs.mkdir(parents=True, exist_ok=True)
+        target = refs / f"{file_id}.excp"
+        if not target.exists():
+            _link_or_copy(Path(file), target)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -237,7 +266,7 @@ def _reachable(start: Path) -> list[Path]:
     """``start`` and the files its chain resolves to, up to a missing reference (a broken chain)."""
     reached = [start.resolve()]
     header = read_header(start)
-    while header.get("kind") in ("delta", "twin") and len(reached) <= MAX_CHAIN_LENGTH:
+    while not starts_chain(header) and len(reached) <= MAX_CHAIN_LENGTH:
         try:
             ref_path = resolve_reference(start, header)
         except MissingReferenceError:

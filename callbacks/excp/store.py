@@ -12,11 +12,20 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from callbacks.excp.bases import BaseSource
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.decoder import load_checkpoint
 from callbacks.excp.encoder import Encoded, ExCPEncoder
-from callbacks.excp.fileformat import ExCPFormatError, is_excp_file
-from callbacks.excp.references import collect_garbage, preserve_for_chain, remove_stale_temporaries, retire
+from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
+from callbacks.excp.references import (
+    collect_garbage,
+    link_chain_into,
+    preserve_for_chain,
+    remove_stale_temporaries,
+    retire,
+)
 from callbacks.excp.safe_pickle import UnsafePickleError, load_metadata
 from common.atomic import atomic_write_bytes
 
@@ -38,12 +47,35 @@ class ChainStore:
         self.settings = settings or ExCPSettings()
         self._encoders: dict[str, ExCPEncoder] = {}
         self._cleaned: set[str] = set()
+        self._base: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None
+        self._loaded: tuple[ExCPFile, dict[str, torch.Tensor]] | None = None
+
+    def start_from_base(self, weights: dict[str, torch.Tensor], source: dict[str, Any] | None = None) -> None:
+        """Chains started from now on begin with a delta against ``weights`` (see :mod:`callbacks.excp.bases`).
+
+        ``weights`` are kept, not copied: pass tensors training does not modify (e.g. read from files).
+        """
+        self._base = (weights, source)
+        self._loaded = None
+        self._encoders.clear()
 
     def encoder_for(self, directory: str | os.PathLike) -> ExCPEncoder:
-        """The chain encoder of ``directory`` (created on first use)."""
+        """The chain encoder of ``directory``, created on first use to continue what this run started from.
+
+        That is the chain of the checkpoint the run resumed from (linked into ``directory`` when it
+        lives elsewhere), else the base weights the run started from, else nothing (a keyframe).
+        """
         key = os.path.realpath(directory)
         if key not in self._encoders:
-            self._encoders[key] = ExCPEncoder(self.settings)
+            encoder = ExCPEncoder(self.settings)
+            if self._loaded is not None:
+                loaded, weights = self._loaded
+                if os.path.realpath(Path(loaded.path).parent) != key:
+                    link_chain_into(loaded.path, directory)
+                encoder.continue_from(loaded, weights)
+            elif self._base is not None:
+                encoder.start_from_base(*self._base, copy=False)
+            self._encoders[key] = encoder
         return self._encoders[key]
 
     def clean_folder(self, directory: str | os.PathLike) -> None:
@@ -90,21 +122,39 @@ class ChainStore:
         if deleted:
             log.debug("ExCP: deleted %d checkpoint(s) no chain needs any more", len(deleted))
 
-    def load(self, path: str | os.PathLike, weights_only: bool | None = True) -> dict[str, Any]:
-        """Load an ExCP or plain checkpoint (see :func:`load_any_checkpoint`); the next save starts a keyframe."""
-        for encoder in self._encoders.values():
-            encoder.reset()  # a chain never continues across a resume
-        return load_any_checkpoint(path, weights_only)
+    def load(
+        self, path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+    ) -> dict[str, Any]:
+        """Load an ExCP or plain checkpoint (see :func:`load_any_checkpoint`).
+
+        The next save into any folder continues the loaded file's chain (a delta against what was
+        just decoded, however many resumes there were); after a plain checkpoint it starts a keyframe.
+        """
+        checkpoint = load_any_checkpoint(path, weights_only, base)
+        self._encoders.clear()
+        self._base = None
+        self._loaded = None
+        if is_excp_file(path):
+            file = ExCPFile.open(path)
+            names = [entry["name"] for entry in file.header["entries"]]
+            state = checkpoint.get("state_dict", {})
+            if all(isinstance(state.get(n), torch.Tensor) for n in names):
+                self._loaded = (file, {n: state[n] for n in names})
+        return checkpoint
 
 
-def load_any_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -> dict[str, Any]:
+def load_any_checkpoint(
+    path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+) -> dict[str, Any]:
     """An ExCP file through its chain, or a ``torch.save`` checkpoint; safe unless ``weights_only=False``.
+
+    ``base``: for a chain started from the run's initial weights (see :func:`load_checkpoint`).
 
     Raises:
         ExCPFormatError: missing, not a regular file, corrupted, or not a loadable checkpoint.
     """
     if is_excp_file(path):
-        return load_checkpoint(path, weights_only=weights_only)
+        return load_checkpoint(path, weights_only=weights_only, base=base)
     if not os.path.exists(path):
         raise ExCPFormatError(path, "file does not exist", "Check the path")
     if not os.path.isfile(path):

@@ -27,6 +27,8 @@ import torch  # noqa: E402
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from callbacks.excp.decoder import decode_sequence  # noqa: E402
 from callbacks.excp.encoder import ExCPEncoder  # noqa: E402
+from callbacks.excp.safe_pickle import safe_globals  # noqa: E402
+from callbacks.excp.threads import intra_op_threads  # noqa: E402
 from common.atomic import atomic_write_bytes  # noqa: E402
 from common.hf_loading import tiny_llama_config  # noqa: E402
 from lightning_modules.schedules import warmup_cosine  # noqa: E402
@@ -250,6 +252,7 @@ class ChainWriter:
             self.encoder.start_from_base(base, source={"model": source})
         self.feed = _PathFeed()
         self.decoder = decode_sequence(self.feed, base=base)
+        safe_globals()  # imports the metadata allow-list (Lightning, ~10 s) now, not inside the first timed decode
 
     def write_and_decode(self, snap: dict[str, Any], names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         path = self.workdir / f"step-{snap['global_step']:06d}.excp"
@@ -260,7 +263,8 @@ class ChainWriter:
         encode_s = time.perf_counter() - started
         self.feed.pending.append(path)
         started = time.perf_counter()
-        _, decoded = next(self.decoder)
+        with intra_op_threads():  # as load_checkpoint and encode() run; decode_sequence leaves torch's count
+            _, decoded = next(self.decoder)
         decode_s = time.perf_counter() - started
         for key, tensor in encoded.recon.items():
             if not torch.equal(decoded["state_dict"][key], tensor):

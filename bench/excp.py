@@ -166,7 +166,7 @@ def _report_targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny from-scratch model (a few minutes)")
+    ap.add_argument("--quick", action="store_true", help="tiny from-scratch model (5-20 minutes on 2 shared cores)")
     ap.add_argument("--seeds", type=int, default=3, help="runs (uninterrupted + lossy-resumed) per seed")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/excp[_smollm2].json)")
     args = ap.parse_args()

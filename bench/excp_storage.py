@@ -228,7 +228,8 @@ def large_tensor_speed(ckpts: list[dict[str, Any]], names: list[str], settings: 
     """Codec throughput without per-tensor overhead: the last two checkpoints' W, m, v, each flattened
     into one vector, tiled to >= 4M elements (the size of a 135M model's larger tensors) and shuffled by
     one shared permutation, so that zstd cannot cheat on the repetition. One tensor at a time, with
-    torch's intra-op threads (the codec's ``threads`` parallelise across tensors)."""
+    torch's intra-op threads (the codec's ``threads`` parallelise across tensors); ``keyframe_*`` is the
+    lossless per-tensor keyframe coding (lossy keyframe moments are coded like a delta's)."""
     from callbacks.excp.codec import decode_param, encode_param_delta, encode_param_keyframe
 
     prev, last = ckpts[-2], ckpts[-1]

@@ -1,0 +1,91 @@
+"""The ExCP benchmark's measurements on a few-step toy run: a lossy run really resumes from every file it
+writes (also from the pretrained weights, no keyframe), the whole-run ratio counts every byte written,
+the seed spread and the keyframe-interval trade-off are computed as their JSON says, and an ablation
+resumes from its own reconstruction."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from excp_quality import ablation_resumes, resume_quality  # noqa: E402
+from excp_storage import folder_bytes, keyframe_tradeoff, keyframe_tradeoff_estimate, storage_summary  # noqa: E402
+from excp_workload import Run, quick_workload, train  # noqa: E402
+
+from callbacks.excp.codec import ExCPSettings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return replace(quick_workload(), interval=2, checkpoints=4, batch=2, block=16, val_batches=1, warmup=1)
+
+
+def test_a_lossy_run_resumes_from_every_file_but_the_last_and_counts_every_byte(workload, tmp_path):
+    run = train(workload, seed=1, lossy=ExCPSettings(threads=2), workdir=tmp_path)
+    assert run.resumes == workload.checkpoints - 1
+    assert [f["step"] for f in run.files] == [2, 4, 6, 8]
+    assert all("val_loss_after_resume" in v for v in run.val[:-1]) and "val_loss_after_resume" not in run.val[-1]
+    (tmp_path / "sidecar").write_bytes(b"x" * 1000)  # anything the run left in its folder is counted
+    storage = storage_summary(run.files, tmp_path)
+    assert storage["written_bytes_all_files"] == sum(f["stats"]["file_bytes"] for f in run.files) + 1000
+    assert storage["overall_ratio"] == pytest.approx(
+        storage["raw_wmv_fp32_bytes_all_checkpoints"] / storage["written_bytes_all_files"]
+    )
+    assert storage["keyframes"] == 1 and storage["delta_ratio_median"] > storage["keyframe_ratios"][0]
+
+
+def test_a_run_from_pretrained_weights_writes_no_keyframe(workload, tmp_path):
+    pretrained = replace(workload, from_pretrained=True)
+    run = train(pretrained, seed=0, lossy=ExCPSettings(), workdir=tmp_path)
+    assert run.resumes == workload.checkpoints - 1
+    storage = storage_summary(run.files, tmp_path)
+    assert storage["keyframes"] == 0
+    assert storage["overall_ratio"] > 5
+
+
+def test_seed_spread_and_mean_absolute_delta():
+    def run(final: float) -> Run:
+        return Run(names=[], val=[{"step": 1, "val_loss": final}], resumes=5)
+
+    quality = resume_quality({0: (run(2.0), run(2.02)), 1: (run(2.2), run(2.2)), 2: (run(2.4), run(2.376))})
+    assert quality["final_loss_delta_abs_rel"] == pytest.approx((0.01 + 0 + 0.01) / 3)
+    assert quality["seed_spread_rel"] == pytest.approx(0.4 / 2.2)
+    assert quality["within_seed_spread"] and quality["resumes_per_run"] == 5
+
+
+def test_keyframe_tradeoff_estimate_places_keyframes_and_replays_from_the_last():
+    deltas = [{"bytes": 10, "decode_s": 1.0}] * 4
+    rows = keyframe_tradeoff_estimate(deltas, {"bytes": 100, "decode_s": 5.0}, [2, 1000], raw_per_ckpt=400)["rows"]
+    assert rows[0] == {
+        "keyframe_interval": 2,
+        "keyframes": 2,
+        "total_bytes": 220,
+        "overall_ratio": 1600 / 220,
+        "load_last_s": 5.0,
+    }
+    assert rows[1]["keyframes"] == 0 and rows[1]["total_bytes"] == 40 and rows[1]["load_last_s"] == 4.0
+
+
+def test_keyframe_tradeoff_encodes_each_interval(workload, tmp_path):
+    base = train(workload, seed=0, keep="all")
+    rows = keyframe_tradeoff(base.ckpts, ExCPSettings(), base.names, [1, 1000], tmp_path)["rows"]
+    assert [r["keyframes"] for r in rows] == [4, 1]
+    assert rows[0]["total_bytes"] == folder_bytes(tmp_path / "interval-1") > rows[1]["total_bytes"]
+    assert all(r["load_last_s"] > 0 for r in rows)
+
+
+def test_an_ablation_resumes_from_its_reconstruction(workload, tmp_path):
+    base = train(workload, seed=0, keep="all")
+    variants = {"method": ExCPSettings(), "1-bit": ExCPSettings(bits_w=1, bits_m=1, bits_v=1)}
+    rows, series, _ = ablation_resumes(workload, base, variants, tmp_path, workload.build(0))
+    assert [r["resumed_from_step"] for r in rows] == [4, 4] and rows[0]["resumed_steps"] == workload.interval
+    # the resumed runs really trained from different states: their losses differ
+    assert rows[0]["val_loss_after_resume_delta_rel"] != rows[1]["val_loss_after_resume_delta_rel"]
+    decoded = series["method"][1]["decoded"]
+    assert not torch.equal(decoded["state_dict"]["lm_head.weight"], base.ckpts[1]["state_dict"]["lm_head.weight"])

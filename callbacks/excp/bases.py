@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,15 @@ def find_pretrained_base(module: torch.nn.Module) -> tuple[Weights, dict[str, An
 # ----------------------------------------------------------------------------------------------
 
 
-def _candidate_weights(given: BaseSource | None, record: dict[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    candidates: list[tuple[str, Mapping[str, Any]]] = []
+def _candidate_weights(given: BaseSource | None, record: dict[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """What might be the base, cheapest first; lazily, so the recorded folder is read only when needed."""
     if given is not None:
         if isinstance(given, (str, os.PathLike)):
-            candidates.append((f"base {given}", _load_safetensors(os.fspath(given), _source_prefix(record))))
+            yield f"base {given}", _load_safetensors(os.fspath(given), _source_prefix(record))
         elif callable(given):
-            candidates.append(("the model being resumed", given()))
+            yield "the model being resumed", given()
         else:
-            candidates.append(("the weights passed as base", given))
+            yield "the weights passed as base", given
     source = record.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
         try:
@@ -154,8 +154,7 @@ def _candidate_weights(given: BaseSource | None, record: dict[str, Any]) -> list
         except Exception:  # noqa: BLE001 - moved or unreadable: reported below with what was tried
             weights = {}
         if weights:
-            candidates.append((f"recorded source {source['path']}", weights))
-    return candidates
+            yield f"recorded source {source['path']}", weights
 
 
 def _source_prefix(record: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from callbacks.excp.safe_pickle import UnsafePickleError, load_metadata
 from callbacks.excp.split import set_at
 from callbacks.excp.threads import intra_op_threads
 
-__all__ = ["decode_sequence", "load_checkpoint", "open_chain", "read_hyperparameters"]
+__all__ = ["decode_sequence", "load_checkpoint", "load_checkpoint_and_head", "open_chain", "read_hyperparameters"]
 
 Weights = dict[str, torch.Tensor]
 Moments = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -130,6 +130,16 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Rebuild the checkpoint dict stored at ``path``, replaying its chain from the keyframe (or base).
 
+    Arguments and errors as in :func:`load_checkpoint_and_head`.
+    """
+    return load_checkpoint_and_head(path, weights_only, base)[0]
+
+
+def load_checkpoint_and_head(
+    path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+) -> tuple[dict[str, Any], ExCPFile]:
+    """:func:`load_checkpoint`, plus the verified file at ``path`` (a resume continues its chain from it).
+
     Args:
         path: an ExCP file.
         weights_only: True or None (default, safe) loads the pickled non-tensor state (hyperparameters,
@@ -160,7 +170,7 @@ def load_checkpoint(
             if file.header["kind"] != "twin":
                 moments = decoded_moments
         assert weights is not None
-        return _assemble(files[-1], weights, moments, trust_pickles=weights_only is False)
+        return _assemble(files[-1], weights, moments, trust_pickles=weights_only is False), files[-1]
 
 
 def _check_sizes(files: Sequence[ExCPFile], trusted: bool) -> None:

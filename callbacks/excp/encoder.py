@@ -22,7 +22,7 @@ import zstandard
 from callbacks.excp.bases import base_record
 from callbacks.excp.blockwise8bit import expand_8bit_states
 from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe
-from callbacks.excp.fileformat import ExCPFile, build_file
+from callbacks.excp.fileformat import build_file
 from callbacks.excp.quantize import dtype_name, encode_lossless
 from callbacks.excp.rate import SMALL_NUMEL
 from callbacks.excp.references import reference_available
@@ -113,25 +113,24 @@ class ExCPEncoder:
         self._chain_index = 0
         return record["sha256"]
 
-    def continue_from(self, file: ExCPFile, weights: dict[str, torch.Tensor]) -> None:
-        """Continue the chain of ``file`` (just loaded by a resume) instead of starting a keyframe.
+    def continue_from(
+        self, path: str | os.PathLike, header: dict[str, Any], sha256: str, weights: dict[str, torch.Tensor]
+    ) -> None:
+        """Continue the chain of the file at ``path`` (just loaded by a resume) instead of starting a keyframe.
 
         Args:
-            file: the loaded file; a delta written into another folder finds it there or in that
+            path: the loaded file; a delta written into another folder finds it there or in that
                 folder's ``.excp_refs/`` (the caller links the chain in, see
                 :func:`~callbacks.excp.references.link_chain_into`).
+            header: its header (id and chain index).
+            sha256: its whole-file hash (:attr:`ExCPFile.sha256`).
             weights: the weights a reader decodes from it (the closed loop continues from them); kept,
                 not copied: pass decoded tensors nothing modifies.
         """
         self.reset()
         self._reference_weights = {n: t.detach().cpu() for n, t in weights.items()}
-        self._head = {
-            "file_id": file.header["file_id"],
-            "sha256": file.sha256,
-            "name": Path(file.path).name,
-            "dir": str(Path(file.path).parent),
-        }
-        self._chain_index = int(file.header["chain_index"])
+        self._head = _head_record(header["file_id"], sha256, Path(path))
+        self._chain_index = int(header["chain_index"])
 
     @property
     def head(self) -> dict[str, Any] | None:
@@ -317,12 +316,16 @@ class ExCPEncoder:
 
     def commit(self, encoded: Encoded, path: str | os.PathLike) -> None:
         """Record that ``encoded`` now lives at ``path``: it becomes the next delta's reference."""
-        path = Path(path)
         self._reference_weights = encoded.recon
-        self._head = {"file_id": encoded.file_id, "sha256": encoded.sha256, "name": path.name, "dir": str(path.parent)}
+        self._head = _head_record(encoded.file_id, encoded.sha256, Path(path))
         self._chain_index = encoded.header["chain_index"]
         self._last_saved = encoded.twin
         self._base = None  # later files reference this one
+
+
+def _head_record(file_id: str, sha256: str, path: Path) -> dict[str, Any]:
+    """What the next delta names as its reference: the file's id, hash, name and folder."""
+    return {"file_id": file_id, "sha256": sha256, "name": path.name, "dir": str(path.parent)}
 
 
 def _index_entry(

@@ -16,9 +16,9 @@ import torch
 
 from callbacks.excp.bases import BaseSource
 from callbacks.excp.codec import ExCPSettings
-from callbacks.excp.decoder import load_checkpoint
+from callbacks.excp.decoder import load_checkpoint, load_checkpoint_and_head
 from callbacks.excp.encoder import Encoded, ExCPEncoder
-from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
+from callbacks.excp.fileformat import ExCPFormatError, is_excp_file
 from callbacks.excp.references import (
     collect_garbage,
     link_chain_into,
@@ -48,7 +48,7 @@ class ChainStore:
         self._encoders: dict[str, ExCPEncoder] = {}
         self._cleaned: set[str] = set()
         self._base: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None = None
-        self._loaded: tuple[ExCPFile, dict[str, torch.Tensor]] | None = None
+        self._loaded: tuple[str, dict[str, Any], str, dict[str, torch.Tensor]] | None = None
 
     def start_from_base(self, weights: dict[str, torch.Tensor], source: dict[str, Any] | None = None) -> None:
         """Chains started from now on begin with a delta against ``weights`` (see :mod:`callbacks.excp.bases`).
@@ -69,10 +69,10 @@ class ChainStore:
         if key not in self._encoders:
             encoder = ExCPEncoder(self.settings)
             if self._loaded is not None:
-                loaded, weights = self._loaded
-                if os.path.realpath(Path(loaded.path).parent) != key:
-                    link_chain_into(loaded.path, directory)
-                encoder.continue_from(loaded, weights)
+                loaded_path, header, sha256, weights = self._loaded
+                if os.path.realpath(Path(loaded_path).parent) != key:
+                    link_chain_into(loaded_path, directory)
+                encoder.continue_from(loaded_path, header, sha256, weights)
             elif self._base is not None:
                 encoder.start_from_base(*self._base, copy=False)
             self._encoders[key] = encoder
@@ -130,16 +130,17 @@ class ChainStore:
         The next save into any folder continues the loaded file's chain (a delta against what was
         just decoded, however many resumes there were); after a plain checkpoint it starts a keyframe.
         """
-        checkpoint = load_any_checkpoint(path, weights_only, base)
         self._encoders.clear()
         self._base = None
         self._loaded = None
-        if is_excp_file(path):
-            file = ExCPFile.open(path)
-            names = [entry["name"] for entry in file.header["entries"]]
-            state = checkpoint.get("state_dict", {})
-            if all(isinstance(state.get(n), torch.Tensor) for n in names):
-                self._loaded = (file, {n: state[n] for n in names})
+        if not is_excp_file(path):
+            return load_any_checkpoint(path, weights_only, base)
+        checkpoint, file = load_checkpoint_and_head(path, weights_only, base)
+        names = [entry["name"] for entry in file.header["entries"]]
+        state = checkpoint.get("state_dict", {})
+        if all(isinstance(state.get(n), torch.Tensor) for n in names):
+            # the header and hash only: the file's bytes (a keyframe's may be gigabytes) are not kept
+            self._loaded = (os.fspath(path), file.header, file.sha256, {n: state[n] for n in names})
         return checkpoint
 
 

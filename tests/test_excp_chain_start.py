@@ -91,6 +91,11 @@ def test_base_must_match_by_hash_not_by_name(pretrained_folder, cpu_trainer_kwar
     shutil.rmtree(pretrained_folder)  # else the recorded source, tried after what is offered, would serve
     with pytest.raises(ExCPFormatError, match="none of base .*other.* has that hash"):
         load_checkpoint(run / "step=2.ckpt", base=other)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExCPFormatError, match="its base .*broken cannot be read as safetensors"):
+        load_checkpoint(run / "step=2.ckpt", base=broken)
 
 
 def test_keyframe_start_and_from_scratch_models_write_self_contained_chains(

@@ -138,11 +138,19 @@ def find_pretrained_base(module: torch.nn.Module) -> tuple[Weights, dict[str, An
 # ----------------------------------------------------------------------------------------------
 
 
-def _candidate_weights(given: BaseSource | None, record: dict[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def _candidate_weights(
+    path: str | os.PathLike, given: BaseSource | None, record: dict[str, Any]
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """What might be the base, cheapest first; lazily, so the recorded folder is read only when needed."""
     if given is not None:
         if isinstance(given, (str, os.PathLike)):
-            yield f"base {given}", _load_safetensors(os.fspath(given), _source_prefix(record))
+            try:
+                weights = _load_safetensors(os.fspath(given), _source_prefix(record))
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+                raise ExCPFormatError(
+                    path, f"its base {given} cannot be read as safetensors ({error})", "Pass the pretrained folder"
+                ) from None
+            yield f"base {given}", weights
         elif callable(given):
             yield "the model being resumed", given()
         else:
@@ -189,7 +197,7 @@ def resolve_base(path: str | os.PathLike, record: Any, given: BaseSource | None)
     if not _valid_record(record):
         raise ExCPFormatError(path, "its base record is malformed (file is corrupted)")
     tried = []
-    for label, weights in _candidate_weights(given, record):
+    for label, weights in _candidate_weights(path, given, record):
         try:
             restricted = _as_recorded(weights, record)
             if restricted is not None and weights_digest(restricted, record["names"]) == record["sha256"]:

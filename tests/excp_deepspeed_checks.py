@@ -1,6 +1,7 @@
-"""ExCP under DeepSpeed ZeRO-2 on 2 CPU processes: compressed folders, rotation, deletion, resume (a matrix job part).
+"""ExCP under DeepSpeed ZeRO-2/3 on 2 CPU processes: compressed folders, rotation, deletion, resume (a matrix job part).
 
-Run by ``tests/strategy_matrix_job.py`` as the extra component ``excp_deepspeed`` of ``deepspeed_stage2``
+Run by ``tests/strategy_matrix_job.py`` as the extra component ``excp_deepspeed`` of ``deepspeed_stage2`` and
+``deepspeed_stage3``
 (one process launch serves the whole matrix). Every rank runs this; rank 0's returned dict is the result.
 """
 
@@ -21,10 +22,11 @@ from common.run_outputs import gather_objects
 
 
 def _zero_state(trainer: L.Trainer) -> dict[str, list[torch.Tensor]]:
-    """This rank's fp32 master partitions and their Adam moments, as the engine holds them."""
+    """This rank's fp32 master partitions and their Adam moments, as the engine holds them (ZeRO-2 or ZeRO-3)."""
     zero = trainer.strategy.deepspeed_engine.optimizer
-    partitions = [p.detach().clone() for p in zero.single_partition_of_fp32_groups]
-    states = [zero.optimizer.state[p] for p in zero.single_partition_of_fp32_groups]
+    flat = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+    partitions = [p.detach().clone() for p in flat]
+    states = [zero.optimizer.state[p] for p in flat]
     return {
         "w": partitions,
         "m": [s["exp_avg"].detach().clone() for s in states],
@@ -81,7 +83,8 @@ def _decompress(folder: Path, output: Path) -> dict[str, Any]:
 
     returncode = main(["decompress", str(folder), "-o", str(output)])
     restored = output / folder.name
-    states = restored / "checkpoint" / "mp_rank_00_model_states.pt"
+    module_files = sorted((restored / "checkpoint").glob("*model_states.pt"))  # ZeRO-3: one per rank
+    states = module_files[0] if module_files else restored / "checkpoint" / "mp_rank_00_model_states.pt"
     return {
         "returncode": returncode,
         "plain": states.is_file() and not is_excp_file(states),

@@ -42,7 +42,7 @@ from tests.strategy_shims import CPUDeepSpeedStrategy, CPUFSDPStrategy  # noqa: 
 SHIMS = {"FSDPStrategy": CPUFSDPStrategy, "DeepSpeedStrategy": CPUDeepSpeedStrategy}
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
 # Checks that only one strategy needs, run after its components (same processes, no extra launch).
-EXTRA_COMPONENTS = {"deepspeed_stage2": ("excp_deepspeed",)}
+EXTRA_COMPONENTS = {"deepspeed_stage2": ("excp_deepspeed",), "deepspeed_stage3": ("excp_deepspeed",)}
 
 
 def _resolve(value: Any) -> Any:

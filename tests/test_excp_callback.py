@@ -139,13 +139,14 @@ def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
             super().__init__()
             self.config = {"zero_optimization": {"stage": stage}}
 
-    with pytest.raises(UserFacingError, match="ZeRO stage 2 only, not stage 3: stage 3 shards the module weights"):
-        ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy(3)), None, "fit")
-    with pytest.raises(UserFacingError, match="ZeRO stage 2 only, not stage 1: its checkpoint files"):
+    with pytest.raises(UserFacingError, match="ZeRO stages 2 and 3, not stage 1: stage 1 is not tested"):
         ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy(1)), None, "fit")
-    stage2 = DeepSpeedStrategy(2)  # its folders are compressed: save, load and remove go through ExCP
-    ExCP().setup(SimpleNamespace(strategy=stage2), None, "fit")
-    assert stage2._excp_deepspeed_routed and stage2.save_checkpoint.__qualname__.startswith("route_deepspeed")
+    with pytest.raises(UserFacingError, match="ZeRO stages 2 and 3, not stage 0: without ZeRO"):
+        ExCP().setup(SimpleNamespace(strategy=DeepSpeedStrategy(0)), None, "fit")
+    for stage in (2, 3):  # their folders are compressed: save, load and remove go through ExCP
+        routed = DeepSpeedStrategy(stage)
+        ExCP().setup(SimpleNamespace(strategy=routed), None, "fit")
+        assert routed._excp_deepspeed_routed and routed.save_checkpoint.__qualname__.startswith("route_deepspeed")
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 

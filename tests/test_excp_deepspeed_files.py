@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoint folders as ExCP files, without DeepSpeed: fake ZeRO-2 folders through save, rotation, restore.
+"""DeepSpeed checkpoint folders as ExCP files, without DeepSpeed: fake ZeRO-2/3 folders through save, rotation, restore.
 
 The 2-process run under the real engine is the ``excp_deepspeed`` part of the strategy matrix job
 (tests/excp_deepspeed_checks.py); these tests pin the file-level guarantees on one process in a second.
@@ -112,6 +112,70 @@ def test_folders_are_compressed_chained_and_survive_deleting_older_folders(tmp_p
     assert set(model["module"]) == {"layer.weight", "norm.weight"}
     assert folder_hyperparameters(ckpt / "last.ckpt") == {"learning_rate": 1e-3}
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]  # no temporary folder left
+
+
+MODEL_STAGE3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def _stage3_engine_files(step: int, generator: torch.Generator) -> dict[str, dict]:
+    """What ZeRO-3 writes on rank 0: flat fp32 sub-groups, the base optimizer's state dict, empty placeholders."""
+    base = torch.Generator().manual_seed(321)
+    w = [torch.randn(n, generator=base) + 1e-3 * step * torch.randn(n, generator=generator) for n in (4096, 64)]
+    optim = {
+        "optimizer_state_dict": {
+            "zero_stage": 3,
+            "loss_scaler": {"cur_scale": 1.0},
+            "partition_count": 1,
+            "optimizer_state_dict": {
+                "state": {g: {"step": torch.tensor(float(step)), "exp_avg": 0.01 * torch.randn_like(t),
+                              "exp_avg_sq": 1e-4 * torch.rand_like(t)} for g, t in enumerate(w)},
+                "param_groups": [{"lr": 1e-3, "params": [0]}, {"lr": 1e-3, "params": [1]}],
+            },
+            "fp32_flat_groups": w,
+        },
+        "ds_version": "0.19.8",
+    }
+    model = {  # every rank writes one; the module entries are empty: the partitions hold the weights
+        "module": {"layer.weight": torch.empty(0), "norm.weight": torch.empty(0)},
+        "param_shapes": [{"layer.weight": (64, 64)}, {"norm.weight": (64,)}],
+        "global_steps": step,
+        "global_step": step,
+        "hyper_parameters": {"learning_rate": 1e-3},
+    }
+    return {OPTIM: optim, MODEL_STAGE3: model}
+
+
+def test_zero3_partitions_and_their_moments_are_coded_and_restored(tmp_path):
+    generator = torch.Generator().manual_seed(7)
+    chains = DeepSpeedChains(ExCPSettings())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    saved = {step: _stage3_engine_files(step, generator) for step in (2, 4)}
+    for step in (2, 4):
+        _save(chains, ckpt / f"step={step}.ckpt", step, saved[step])
+    delta = ckpt / "step=4.ckpt" / "checkpoint" / OPTIM
+    assert read_header(delta)["kind"] == "delta"
+    plain = tmp_path / "plain.pt"
+    torch.save(saved[4][OPTIM], plain)
+    assert delta.stat().st_size < plain.stat().st_size / 3  # the partitions and moments were coded, not kept
+    remove_folder(ckpt / "step=2.ckpt")
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    restore_files(ckpt / "step=4.ckpt", restored_dir, rank=0, world_size=1)
+    optim = torch.load(restored_dir / "checkpoint" / OPTIM, weights_only=False)["optimizer_state_dict"]
+    model = torch.load(restored_dir / "checkpoint" / MODEL_STAGE3, weights_only=False)
+    original = saved[4][OPTIM]["optimizer_state_dict"]
+    for group, weight in enumerate(original["fp32_flat_groups"]):
+        assert float((optim["fp32_flat_groups"][group] - weight).norm() / weight.norm()) < 0.05
+        state, before = optim["optimizer_state_dict"]["state"][group], original["optimizer_state_dict"]["state"][group]
+        assert torch.equal(state["step"], torch.tensor(4.0))
+        m_error = float((state["exp_avg"] - before["exp_avg"]).norm() / before["exp_avg"].norm())
+        assert m_error < 0.9 and state["exp_avg_sq"].shape == weight.shape and state["exp_avg_sq"].min() >= 0
+    assert optim["optimizer_state_dict"]["param_groups"] == original["optimizer_state_dict"]["param_groups"]
+    assert optim["zero_stage"] == 3 and optim["partition_count"] == 1
+    assert {k: tuple(v.shape) for k, v in model["module"].items()} == {"layer.weight": (0,), "norm.weight": (0,)}
+    assert model["param_shapes"] == saved[4][MODEL_STAGE3]["param_shapes"] and model["global_steps"] == 4
+    assert folder_hyperparameters(ckpt / "step=4.ckpt") == {"learning_rate": 1e-3}
 
 
 def test_a_kill_before_the_swap_leaves_the_previous_folder_loadable(tmp_path, monkeypatch):

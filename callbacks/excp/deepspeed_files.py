@@ -1,14 +1,17 @@
-"""DeepSpeed ZeRO-2 checkpoint folders as ExCP files (no Lightning): what each rank compresses and restores.
+"""DeepSpeed ZeRO-2 and ZeRO-3 checkpoint folders as ExCP files (no Lightning): what each rank compresses and restores.
 
 The DeepSpeed engine writes one folder per checkpoint (``<dir>/latest``, ``<dir>/<tag>/...``):
 
-* ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (rank ``r``): the flat fp32 master partitions
-  (``single_partition_of_fp32_groups``) and Adam's ``exp_avg``/``exp_avg_sq`` of the same partitions
-  (``base_optimizer_state``). They become the codec's W, m and v, one entry per parameter group, so
-  weight-momentum joint pruning applies exactly as for a Lightning checkpoint.
-* ``mp_rank_00_model_states.pt`` (rank 0): the module weights (W without moments, chained like the
-  partitions; they hold the same values as the fp32 partitions, are decoded separately, serve the first
-  forward after a resume, and the engine's next step overwrites them from the partitions) and Lightning's
+* ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (rank ``r``): the flat fp32 master partitions and Adam's
+  ``exp_avg``/``exp_avg_sq`` of the same partitions (ZeRO-2: ``single_partition_of_fp32_groups`` and
+  ``base_optimizer_state``; ZeRO-3: ``fp32_flat_groups`` and the base optimizer's own state dict, see
+  :data:`_PARTITION_LAYOUTS`). They become the codec's W, m and v, one entry per parameter group (ZeRO-3:
+  per sub-group), so weight-momentum joint pruning applies exactly as for a Lightning checkpoint.
+* the module states: ZeRO-2 writes ``mp_rank_00_model_states.pt`` on rank 0 with the module weights (W
+  without moments, chained like the partitions; they hold the same values as the fp32 partitions, are
+  decoded separately, serve the first forward after a resume, and the engine's next step overwrites them
+  from the partitions). ZeRO-3 writes ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` on every rank, whose
+  module entries are empty placeholders (the weights live only in the partitions). Both carry Lightning's
   client state (loops, schedulers, callbacks, hyperparameters), kept exactly.
 
 Everything that is not one of those tensors stays where it was (the "skeleton", safe pickle types only).
@@ -49,6 +52,14 @@ __all__ = [
 ]
 
 _OPTIM_SUFFIX = "_optim_states.pt"
+# Where each ZeRO optimizer keeps its fp32 master partitions and their Adam state (keyed by group index)
+# in the dict the engine saves: ZeRO-1/2 (``DeepSpeedZeroOptimizer.state_dict``) and ZeRO-3
+# (``DeepSpeedZeroOptimizer_Stage3._rigid_state_dict``).
+_PARTITION_LAYOUTS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("optimizer_state_dict", "single_partition_of_fp32_groups"),
+     ("optimizer_state_dict", "base_optimizer_state", "state")),
+    (("optimizer_state_dict", "fp32_flat_groups"), ("optimizer_state_dict", "optimizer_state_dict", "state")),
+)
 _MODEL_SUFFIX = "_model_states.pt"
 
 
@@ -75,6 +86,14 @@ def has_excp_files(folder: Path) -> bool:
     return folder.is_dir() and any(is_excp_file(p) for p in engine_files(folder))
 
 
+def _get_or_none(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
 def _wrap(obj: dict[str, Any], step: int | None, epoch: int | None) -> tuple[dict[str, Any], list[list[str]]]:
     """An engine file as a codec checkpoint (``state_dict``/``optimizer_states``), with the way back."""
     weights: dict[str, torch.Tensor] = {}
@@ -83,27 +102,27 @@ def _wrap(obj: dict[str, Any], step: int | None, epoch: int | None) -> tuple[dic
     module = obj.get("module")
     if isinstance(module, dict):
         for name, tensor in module.items():
-            if isinstance(name, str) and isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if isinstance(name, str) and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and (
+                tensor.numel() > 0  # ZeRO-3 placeholders stay in the skeleton: the partitions hold the weights
+            ):
                 weights[f"module/{name}"] = tensor
                 leaves[f"module/{name}"] = ["module", name]
-    osd = obj.get("optimizer_state_dict")
-    partitions = osd.get("single_partition_of_fp32_groups") if isinstance(osd, dict) else None
-    base = osd.get("base_optimizer_state") if isinstance(osd, dict) else None
-    state = base.get("state") if isinstance(base, dict) else None
-    if isinstance(partitions, list):
+    for partitions_path, state_path in _PARTITION_LAYOUTS:
+        partitions, state = _get_or_none(obj, partitions_path), _get_or_none(obj, state_path)
+        if not isinstance(partitions, list):
+            continue
         for group, tensor in enumerate(partitions):
             if not isinstance(tensor, torch.Tensor):
                 continue
             name = f"fp32_group_{group}"
             weights[name] = tensor
-            leaves[name] = ["optimizer_state_dict", "single_partition_of_fp32_groups", group]
+            leaves[name] = [*partitions_path, group]
             slot = state.get(group) if isinstance(state, dict) else None
             keys = ("exp_avg", "exp_avg_sq")
             if isinstance(slot, dict) and all(
                 isinstance(slot.get(k), torch.Tensor) and slot[k].shape == tensor.shape for k in keys
             ):
-                prefix = ["optimizer_state_dict", "base_optimizer_state", "state", group]
-                moments[name] = [[*prefix, "exp_avg"], [*prefix, "exp_avg_sq"]]
+                moments[name] = [[*state_path, group, "exp_avg"], [*state_path, group, "exp_avg_sq"]]
     names = list(weights)
     taken = {tuple(p) for p in leaves.values()} | {tuple(p) for pair in moments.values() for p in pair}
     optimizer = {

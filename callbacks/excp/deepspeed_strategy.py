@@ -1,4 +1,4 @@
-"""ExCP under Lightning's ``DeepSpeedStrategy`` (ZeRO stage 2): the strategy's save, load and remove, wrapped.
+"""ExCP under Lightning's ``DeepSpeedStrategy`` (ZeRO stages 2 and 3): the strategy's save, load and remove, wrapped.
 
 * **save** (every rank): the engine writes the checkpoint folder under a temporary name beside the target;
   each rank replaces the files it wrote by ExCP files (keyframe or delta against the same file of the

@@ -5,7 +5,7 @@
   loader reads files with ``torch.load(mmap=True)`` instead of the CheckpointIO, so :func:`prepare_strategy`
   routes ExCP files through the codec (every rank decodes the chain) and loads the full state into the
   sharded model and optimizer the way Lightning does for a plain full checkpoint.
-* ``DeepSpeedStrategy`` with ZeRO stage 2: the engine's checkpoint folders are compressed after it
+* ``DeepSpeedStrategy`` with ZeRO stage 2 or 3: the engine's checkpoint folders are compressed after it
   writes them and restored before it loads (:mod:`callbacks.excp.deepspeed_strategy`).
 * Everything else that saves or loads outside the CheckpointIO is refused at setup in one line.
 """
@@ -30,9 +30,12 @@ _BYPASSING = {
     "XLAStrategy": "XLA saves through its own xm.save path",
 }
 
-# Why ExCP refuses the other ZeRO stages (stage 2's files are what callbacks.excp.deepspeed_files maps).
-_DEEPSPEED_STAGES = {
-    3: "stage 3 shards the module weights themselves into per-rank flat groups, which ExCP does not map",
+# The ZeRO stages whose files callbacks.excp.deepspeed_files maps (and the strategy matrix tests), and why
+# ExCP refuses the others.
+_DEEPSPEED_STAGES_COMPRESSED = (2, 3)
+_DEEPSPEED_STAGES_REFUSED = {
+    0: "without ZeRO the engine keeps the plain optimizer state in the module file, which ExCP does not map",
+    1: "stage 1 is not tested with ExCP; stage 2 writes the same files and also partitions the gradients",
 }
 
 
@@ -57,11 +60,11 @@ def prepare_strategy(strategy: Strategy, settings: ExCPSettings, on_save: SaveLi
         _route_full_loading(strategy)
     if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
         stage = strategy.config.get("zero_optimization", {}).get("stage", 0) if strategy.config else 0
-        if stage != 2:
-            why = _DEEPSPEED_STAGES.get(stage, "its checkpoint files are laid out differently and are not mapped")
+        if stage not in _DEEPSPEED_STAGES_COMPRESSED:
+            why = _DEEPSPEED_STAGES_REFUSED.get(stage, "its checkpoint files are laid out otherwise and are not mapped")
             raise ExCPStrategyError(
-                f"ExCP compresses DeepSpeed checkpoints under ZeRO stage 2 only, not stage {stage}: {why}; use "
-                "configs/trainer/deepspeed_stage2.yaml or remove the ExCP callback"
+                f"ExCP compresses DeepSpeed checkpoints under ZeRO stages 2 and 3, not stage {stage}: {why}; use "
+                "configs/trainer/deepspeed_stage2.yaml or deepspeed_stage3.yaml, or remove the ExCP callback"
             )
         route_deepspeed(strategy, settings, on_save)
 

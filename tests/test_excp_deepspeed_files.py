@@ -235,6 +235,21 @@ def test_cli_decompresses_a_folder_into_what_the_engine_wrote(tmp_path):
     assert main(["decompress", str(folder), "-o", str(tmp_path / "out")]) == 1  # never replaced without --force
 
 
+def test_cli_inspects_every_coded_file_of_a_folder(tmp_path, capsys):
+    from callbacks.excp.cli import main
+
+    chains = DeepSpeedChains(ExCPSettings())
+    folder = _save(chains, tmp_path / "last.ckpt", 2, _engine_files(2, torch.Generator().manual_seed(6)))
+    assert main(["inspect", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{OPTIM}: keyframe #0 (deepspeed)" in printed and f"{MODEL}: keyframe #0 (deepspeed)" in printed
+    plain = tmp_path / "plain.ckpt"
+    (plain / "checkpoint").mkdir(parents=True)
+    torch.save({"module": {}}, plain / "checkpoint" / MODEL)
+    assert main(["inspect", str(plain)]) == 1
+    assert "without ExCP-coded DeepSpeed files" in capsys.readouterr().err
+
+
 def test_the_wandb_artifact_takes_deepspeed_folders_whole(tmp_path):
     from callbacks.excp.callback import artifact_entries
 

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
             help="load pickles with weights_only=False: a crafted file can then run code; only for your own files",
         )
     i = sub.add_parser("inspect", help="summarise ExCP files")
-    i.add_argument("inputs", nargs="+", type=Path, help=".excp files")
+    i.add_argument("inputs", nargs="+", type=Path, help=".excp files and/or DeepSpeed checkpoint folders")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -259,8 +259,24 @@ def _summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _inspect_paths(inputs: list[Path]) -> list[Path]:
+    """Files as given; a DeepSpeed checkpoint folder becomes its ExCP-coded engine files (one row each)."""
+    from callbacks.excp.deepspeed_files import engine_files
+
+    paths = []
+    for path in inputs:
+        if not path.is_dir():
+            paths.append(path)
+            continue
+        coded = [f for f in engine_files(path) if is_excp_file(f)]
+        if not coded:
+            raise UserFacingError(f"{path} is a folder without ExCP-coded DeepSpeed files (*/*_states.pt)")
+        paths.extend(coded)
+    return paths
+
+
 def _inspect(args: argparse.Namespace) -> None:
-    rows = [_summary(p) for p in args.inputs]
+    rows = [_summary(p) for p in _inspect_paths(args.inputs)]
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
         return

@@ -30,7 +30,6 @@ STRATEGIES = ("fsdp2", "fsdp", "deepspeed_stage2", "deepspeed_stage3")
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
 # Cells refused at setup, with the start of their one-line message; every other cell must work.
 REFUSED = {
-    ("fsdp", "flextron"): "FlextronModule: FSDPStrategy (FSDP1) fails in backward",
     ("deepspeed_stage3", "icl_probe"): "ICLvsGDProbe under DeepSpeed ZeRO stage 3",
     ("deepspeed_stage3", "honesty_probe"): "HonestyProbe under DeepSpeed ZeRO stage 3",
 }

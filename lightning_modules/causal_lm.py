@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from lightning_modules.param_groups import decay_split
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.sharding import configure_sharding
 
@@ -122,10 +123,7 @@ class CausalLMModule(L.LightningModule):
         self.log("test/ppl", torch.exp(loss))
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for parameter in self.model.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        decay, no_decay = decay_split(self.model)
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

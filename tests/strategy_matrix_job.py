@@ -95,7 +95,7 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     """Fit 4 steps with checkpoints every 2 (ExCP where it is supported), resume from last.ckpt to 6."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callbacks.excp import ExCP, is_excp_file
+    from callbacks.excp import ExCP, is_excp_file, load_checkpoint
     from callbacks.excp.deepspeed_files import has_excp_files
     from lightning_modules.causal_lm import CausalLMModule
 
@@ -125,6 +125,8 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     callbacks = [ExCP(print_summary=False, log_stats=False)] if out["excp"] == "compressed" else []
     if out["last_is_excp"] and last.is_file():
         out["restored_equals_decoded"] = _restored_equals_decoded(name, root, module(), last)
+        groups = load_checkpoint(last)["optimizer_states"][0]["param_groups"]  # (weight decay, none)
+        out["param_group_sizes"] = [len(g["params"]) for g in groups]
     resumed = trainer(name, root, max_steps=6, limit_val_batches=1, val_check_interval=2, callbacks=callbacks,
                       enable_checkpointing=False)
     resumed.fit(module(), datamodule=_text_data(), ckpt_path=str(last))

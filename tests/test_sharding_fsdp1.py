@@ -1,5 +1,6 @@
-"""FSDP1 helpers of ``lightning_modules/sharding.py`` that need no process group (the 2-process runs are in
-``tests/test_strategy_matrix.py``, where Flextron trains under FSDP1 with these)."""
+"""FSDP1 helpers of ``lightning_modules/sharding.py`` and ``param_groups.py`` that need no process group.
+
+The 2-process runs are in ``tests/test_strategy_matrix.py``, where CausalLM and Flextron train under FSDP1."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def test_fsdp1_clipping_on_one_process_equals_torch_clip_grad_norm() -> None:
     for ours, theirs in zip(module.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad)
     assert torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_weight_decay_groups_survive_fsdp1_flattening() -> None:
+    """FSDP1 shows each parameter to the optimizer as a 1-D view of this rank's shard: the groups must not change."""
+    from common.hf_loading import load_causal_lm, tiny_llama_config
+    from lightning_modules.param_groups import decay_split
+
+    model = load_causal_lm(None, model_config=tiny_llama_config())
+    by_ndim = [p for p in model.parameters() if p.ndim >= 2]
+    decay, no_decay = decay_split(model)
+    assert [id(p) for p in decay] == [id(p) for p in by_ndim] and len(no_decay) == 5  # 2 norms per layer + final
+    for p in model.parameters():
+        p.data = p.data.flatten()  # what use_orig_params leaves the optimizer to see
+    assert decay_split(model) == (decay, no_decay)

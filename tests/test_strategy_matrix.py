@@ -70,6 +70,14 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"icl_probe": icl_results(icl), "honesty_probe": honesty_results(honesty)}
 
 
+def _decay_group_sizes() -> list[int]:
+    """(weights, biases and norms) of the tiny Llama in one process, by ``ndim`` as no sharding hides it."""
+    from common.hf_loading import load_causal_lm
+
+    params = list(load_causal_lm(None, model_config=TINY_LLAMA_CONFIG).parameters())
+    return [sum(p.ndim >= 2 for p in params), sum(p.ndim < 2 for p in params)]
+
+
 def _cell(matrix: Path, strategy: str, component: str) -> dict[str, Any]:
     path = matrix / strategy / f"{component}.json"
     assert path.is_file(), f"the job wrote no result for {strategy} x {component}"
@@ -92,6 +100,7 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
         if cell["last_is_excp"] and not strategy.startswith("deepspeed"):  # DeepSpeed: the excp_deepspeed test
             assert cell["restored_equals_decoded"], "the sharded model did not get the decoded ExCP weights"
             assert cell["delta_ratio"] > 5, cell  # moments matched to their weights (names as in the state dict)
+            assert cell["param_group_sizes"] == _decay_group_sizes(), "sharding changed the weight-decay groups"
         assert cell["resumed_global_step"] == 6  # resumed at step 4 from last.ckpt, then 2 more steps
         assert cell["val_loss"] < 6.0  # ln(384) = 5.95: finite and not worse than uniform after resuming
     elif component == "flextron":

@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from lightning_modules.param_groups import decay_split
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.sharding import clip_grad_norm, configure_sharding, require_fsdp1_unit
 
@@ -405,8 +406,7 @@ class FlextronModule(FlextronValidation):
         """One AdamW over LLM and routers (so ``global_step`` counts batches): LLM groups follow warmup +
         cosine at ``learning_rate``, the router group keeps ``router_lr``."""
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        decay, no_decay = decay_split(self.model)
         router_params = list(self.router.parameters()) + (list(self.surrogate.parameters()) if self.surrogate else [])
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay, "lr": hp.learning_rate},

@@ -115,14 +115,23 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
             assert cell["results"]["records"] == reference["records"]
 
 
+# fsdp.yaml as shipped, but the CPU shim (tests/strategy_shims.py) and 32-bit on 2 CPU processes
+_FSDP1_ON_CPU = ["--trainer.strategy.class_path=tests.strategy_shims.CPUFSDPStrategy", "--trainer.accelerator=cpu",
+                 "--trainer.devices=2", "--trainer.precision=32-true"]
+
+
 @pytest.mark.slow
-def test_train_py_fsdp2_writes_excp_files_and_resumes_from_them(tmp_path: Path) -> None:
-    """The README command on 2 CPU processes: quickstart + fsdp2.yaml with a tiny model, then --ckpt_path."""
+@pytest.mark.parametrize(("trainer_config", "cpu_overrides"), [("fsdp2", []), ("fsdp", _FSDP1_ON_CPU)])
+def test_train_py_writes_excp_files_and_resumes_from_them(
+    tmp_path: Path, trainer_config: str, cpu_overrides: list[str]
+) -> None:
+    """The README command on 2 CPU processes: quickstart + fsdp2.yaml / fsdp.yaml with a tiny model, then
+    --ckpt_path (for FSDP1 also its norm clipping, which Lightning's FSDP precision plugin refuses)."""
     from callbacks.excp import is_excp_file, load_checkpoint
 
     tiny = json.dumps(TINY_LLAMA_CONFIG)
     base = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--config",
-            "configs/trainer/fsdp2.yaml", "--config", "configs/trainer/csv_logger.yaml",
+            f"configs/trainer/{trainer_config}.yaml", *cpu_overrides, "--config", "configs/trainer/csv_logger.yaml",
             f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--model.init_args.model=null",
             f"--model.init_args.model_config={tiny}", "--model.init_args.tokenizer=byt5",
             "--data.init_args.tokenizer=byt5", "--data.init_args.max_tokens=20000", "--trainer.limit_val_batches=1",

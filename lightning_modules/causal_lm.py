@@ -6,14 +6,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from lightning_modules.param_groups import decay_split
 from lightning_modules.schedules import warmup_cosine
-from lightning_modules.sharding import configure_sharding
+from lightning_modules.sharding import clip_grad_norm, configure_sharding
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -122,10 +124,7 @@ class CausalLMModule(L.LightningModule):
         self.log("test/ppl", torch.exp(loss))
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for parameter in self.model.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        decay, no_decay = decay_split(self.model)
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -138,6 +137,16 @@ class CausalLMModule(L.LightningModule):
 
             return bnb.optim.AdamW8bit(self._parameter_groups(), **kwargs)
         return torch.optim.AdamW(self._parameter_groups(), **kwargs)
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's default, but norm clipping under FSDP1 too (its precision plugin refuses it: see sharding)."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(self, optimizer, gradient_clip_val, shard=[self.model])
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -100,11 +100,49 @@ def configure_sharding(
                     hooked.add(id(tensor))
 
 
-def refuse_strategy(module: L.LightningModule, strategy_type: type, message: str) -> None:
-    """Raise :class:`ShardingError` with ``message`` when the module runs under ``strategy_type``."""
+def require_fsdp1_unit(module: L.LightningModule, model: nn.Module) -> None:
+    """Under FSDP1, refuse a ``model`` that is not an FSDP unit of its own (call after wrapping, e.g. on_fit_start).
+
+    Modules that step their optimizer inside ``training_step`` (manual optimization) run backward inside the
+    forward of Lightning's root FSDP unit, which wraps the LightningModule; parameters that root unit holds
+    fail torch's post-backward check (state FORWARD, not BACKWARD). Wrapping the whole model as a unit leaves
+    the root unit nothing of its own.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     trainer = module._trainer
-    if trainer is not None and isinstance(trainer.strategy, strategy_type):
-        raise ShardingError(message)
+    if trainer is None or not isinstance(trainer.strategy, FSDPStrategy) or isinstance(model, FullyShardedDataParallel):
+        return
+    raise ShardingError(
+        f"{type(module).__name__} under FSDPStrategy (FSDP1) needs its {type(model).__name__} wrapped as an FSDP unit "
+        "of its own (its backward runs inside the root unit's forward): add that class to auto_wrap_policy, as "
+        "configs/trainer/fsdp.yaml does for LlamaForCausalLM"
+    )
+
+
+def clip_grad_norm(module: L.LightningModule, optimizer: object, max_norm: float, shard: Sequence[nn.Module]) -> None:
+    """Clip the gradients of ``module`` by their global norm, from inside ``training_step`` (manual optimization).
+
+    Under FSDP1, Lightning's precision plugin refuses norm clipping and the root unit's ``clip_grad_norm_``
+    refuses to run inside its own forward (where ``training_step`` runs), so the norm is computed as that
+    method does: the squared norms of this rank's gradient shards (the parameters of ``shard``, the models
+    wrapped by FSDP) summed over ranks, plus those of the parameters every rank keeps whole.
+    """
+    if not isinstance(module.trainer.strategy, FSDPStrategy):
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return
+    import torch.distributed as dist
+
+    sharded = {id(p) for model in shard for p in model.parameters()}
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    squares = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in sharded]) ** 2
+    squares = squares.to(params[0].grad.device)  # the compute device (the collective's), also when no shard is here
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    whole = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in sharded]).to(squares)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (squares + whole**2).sqrt())
 
 
 def _fsdp2_shard(module: L.LightningModule, models: Sequence[nn.Module]) -> object:

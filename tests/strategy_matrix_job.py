@@ -95,7 +95,7 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     """Fit 4 steps with checkpoints every 2 (ExCP where it is supported), resume from last.ckpt to 6."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callbacks.excp import ExCP, is_excp_file
+    from callbacks.excp import ExCP, is_excp_file, load_checkpoint
     from callbacks.excp.deepspeed_files import has_excp_files
     from lightning_modules.causal_lm import CausalLMModule
 
@@ -111,6 +111,7 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
                                                       save_last=True)])
         t.fit(module(), datamodule=_text_data())
         out["excp"] = "compressed"
+        out["delta_ratio"] = excp[0].summary()["delta_ratio_median"]  # rank 0 saves: its history
     except Exception as error:  # noqa: BLE001 - the refusal is the result of this cell
         out["excp"] = f"refused: {error}"
         if "ExCP" not in str(error):
@@ -124,6 +125,8 @@ def run_causal_lm(name: str, root: Path) -> dict[str, Any]:
     callbacks = [ExCP(print_summary=False, log_stats=False)] if out["excp"] == "compressed" else []
     if out["last_is_excp"] and last.is_file():
         out["restored_equals_decoded"] = _restored_equals_decoded(name, root, module(), last)
+        groups = load_checkpoint(last)["optimizer_states"][0]["param_groups"]  # (weight decay, none)
+        out["param_group_sizes"] = [len(g["params"]) for g in groups]
     resumed = trainer(name, root, max_steps=6, limit_val_batches=1, val_check_interval=2, callbacks=callbacks,
                       enable_checkpointing=False)
     resumed.fit(module(), datamodule=_text_data(), ckpt_path=str(last))
@@ -141,11 +144,13 @@ def _restored_equals_decoded(name: str, root: Path, module: L.LightningModule, l
     t = trainer(name, root, max_steps=4, limit_val_batches=0, callbacks=[ExCP(print_summary=False, log_stats=False)],
                 enable_checkpointing=False)
     t.fit(module, datamodule=_text_data(), ckpt_path=str(last))
-    restored = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # strategy.model: under FSDP1 the root FSDP unit wrapping the module holds the embeddings, norm and head.
+    # No cpu_offload: FSDP1 on CPU would free the gathered storage its state dict points into (strategy_shims).
+    restored = get_model_state_dict(t.strategy.model, options=StateDictOptions(full_state_dict=True))
     if t.global_rank != 0:
-        return True  # the full state dict is gathered on rank 0 only
+        return True
     decoded = load_checkpoint(last)["state_dict"]
-    return restored.keys() == decoded.keys() and all(torch.equal(restored[k], decoded[k]) for k in decoded)
+    return restored.keys() == decoded.keys() and all(torch.equal(restored[k].cpu(), decoded[k]) for k in decoded)
 
 
 def run_flextron(name: str, root: Path) -> dict[str, Any]:

@@ -6,7 +6,12 @@ Both strategies are refused on CPU only by device checks, not by anything the co
   raises "The strategy `fsdp` requires a GPU accelerator" when ``type(strategy) is FSDPStrategy`` (a
   subclass passes), and ``strategies/fsdp.py`` (``_setup_model``) passes ``device_id=root_device.index``,
   which is None on CPU, so torch's ``fsdp/_init_utils.py`` raises "FSDP needs a non-CPU accelerator device".
-  The shim is a subclass that passes ``device_id=torch.device("cpu")`` and uses gloo.
+  The shim is a subclass that passes ``device_id=torch.device("cpu")`` and uses gloo. It also gathers full
+  state dicts with ``offload_to_cpu=False``: Lightning's ``_get_full_state_dict_context`` always sets
+  ``offload_to_cpu=True``, and torch's ``FlatParamHandle.to_cpu`` (``fsdp/_flat_param.py``) then moves the
+  gathered flat parameter to the CPU (a no-op when it is already there, so the same storage) and frees the
+  gathered storage, which the state dict's views still point into: the clone in ``_full_post_state_dict_hook``
+  (``fsdp/_state_dict_utils.py``) segfaults. On GPUs the move is a copy, so nothing changes there.
 * DeepSpeed: ``strategies/deepspeed.py`` ``setup_environment`` raises "The DeepSpeed strategy is only supported
   on CUDA GPUs" and ``setup_distributed`` checks CUDA device indices. With ``DS_ACCELERATOR=cpu`` DeepSpeed
   itself runs on CPU; the shim skips those two checks, initialises the process group with gloo and names
@@ -44,7 +49,20 @@ def _fsdp1_device_id_cpu() -> Iterator[None]:
 
 
 class CPUFSDPStrategy(FSDPStrategy):
-    """FSDPStrategy on CPU: the same strategy with ``device_id=cpu`` and the gloo backend (see module docstring)."""
+    """FSDPStrategy on CPU: ``device_id=cpu``, gloo, full state dicts gathered in place (see module docstring)."""
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        assert self.model is not None
+        # Lightning's own context, but offload_to_cpu=False (see module docstring)
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:

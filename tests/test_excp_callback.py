@@ -131,8 +131,8 @@ def test_top_k_deletion_keeps_chains_readable(tiny_model_config, cpu_trainer_kwa
 def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    with pytest.raises(UserFacingError, match="under FSDPStrategy: FSDP \\(FSDP1\\) saves sharded checkpoints"):
-        ExCP().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+    with pytest.raises(UserFacingError, match="FSDPStrategy's sharded checkpoints .* set state_dict_type: full"):
+        ExCP().setup(SimpleNamespace(strategy=FSDPStrategy(state_dict_type="sharded")), None, "fit")
 
     class DeepSpeedStrategy(DDPStrategy):  # stands in for the real one, which needs deepspeed installed
         def __init__(self, stage: int) -> None:
@@ -152,6 +152,31 @@ def test_strategies_that_bypass_checkpoint_io_fail_at_setup():
 
     with pytest.raises(UserFacingError, match="set save_distributed_checkpoint: false"):
         ExCP().setup(SimpleNamespace(strategy=ModelParallelStrategy()), None, "fit")
+
+
+def test_fsdp1_full_state_dicts_are_served(monkeypatch):
+    """FSDP1 with state_dict_type="full" (the 2-process run is in tests/test_strategy_matrix.py): ExCP's
+    CheckpointIO is installed, loading goes through the codec, and the optimizer slots are named as in the
+    gathered state dict (without FSDP's wrapper prefix), so moments are coded against their weights."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    import callbacks.excp.callback as callback_module
+
+    strategy = FSDPStrategy(state_dict_type="full")
+    excp = ExCP()
+    excp.setup(SimpleNamespace(strategy=strategy), None, "fit")
+    assert strategy.checkpoint_io is excp.checkpoint_io and strategy._excp_loader_installed
+
+    layer = torch.nn.Module()
+    layer._fsdp_wrapped_module = torch.nn.Linear(2, 2)  # what FSDP1's auto wrap leaves in the module tree
+    module = torch.nn.Sequential(layer)
+    excp._trainer = SimpleNamespace(lightning_module=module, optimizers=[torch.optim.AdamW(module.parameters())])
+    assert excp._names() == ({"0.weight", "0.bias"}, [["0.weight", "0.bias"]])
+
+    # a fresh fine-tuning run looks for its pretrained base on rank 0 only, but FSDP1's state_dict() is a
+    # collective: under FSDP1 the chain starts with a keyframe instead
+    monkeypatch.setattr(callback_module, "find_pretrained_base", lambda m: pytest.fail("rank-0 state_dict() call"))
+    excp._start_from_pretrained(SimpleNamespace(strategy=strategy, ckpt_path=None), module)
 
 
 def test_invalid_settings_fail_early():

@@ -30,14 +30,13 @@ STRATEGIES = ("fsdp2", "fsdp", "deepspeed_stage2", "deepspeed_stage3")
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
 # Cells refused at setup, with the start of their one-line message; every other cell must work.
 REFUSED = {
-    ("fsdp", "flextron"): "FlextronModule: FSDPStrategy (FSDP1) fails in backward",
     ("deepspeed_stage3", "icl_probe"): "ICLvsGDProbe under DeepSpeed ZeRO stage 3",
     ("deepspeed_stage3", "honesty_probe"): "HonestyProbe under DeepSpeed ZeRO stage 3",
 }
-# ExCP compresses full-state FSDP2 files and DeepSpeed ZeRO-2/3 folders; elsewhere it refuses in one line.
+# ExCP compresses full-state FSDP/FSDP2 files and DeepSpeed ZeRO-2/3 folders; elsewhere it refuses in one line.
 EXCP = {
     "fsdp2": "compressed",
-    "fsdp": "refused: ExCP cannot compress checkpoints under CPUFSDPStrategy: FSDP (FSDP1)",
+    "fsdp": "compressed",
     "deepspeed_stage2": "compressed",
     "deepspeed_stage3": "compressed",
 }
@@ -71,6 +70,14 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"icl_probe": icl_results(icl), "honesty_probe": honesty_results(honesty)}
 
 
+def _decay_group_sizes() -> list[int]:
+    """(weights, biases and norms) of the tiny Llama in one process, by ``ndim`` as no sharding hides it."""
+    from common.hf_loading import load_causal_lm
+
+    params = list(load_causal_lm(None, model_config=TINY_LLAMA_CONFIG).parameters())
+    return [sum(p.ndim >= 2 for p in params), sum(p.ndim < 2 for p in params)]
+
+
 def _cell(matrix: Path, strategy: str, component: str) -> dict[str, Any]:
     path = matrix / strategy / f"{component}.json"
     assert path.is_file(), f"the job wrote no result for {strategy} x {component}"
@@ -92,6 +99,8 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
         assert cell["last_is_excp"] == (EXCP[strategy] == "compressed")
         if cell["last_is_excp"] and not strategy.startswith("deepspeed"):  # DeepSpeed: the excp_deepspeed test
             assert cell["restored_equals_decoded"], "the sharded model did not get the decoded ExCP weights"
+            assert cell["delta_ratio"] > 5, cell  # moments matched to their weights (names as in the state dict)
+            assert cell["param_group_sizes"] == _decay_group_sizes(), "sharding changed the weight-decay groups"
         assert cell["resumed_global_step"] == 6  # resumed at step 4 from last.ckpt, then 2 more steps
         assert cell["val_loss"] < 6.0  # ln(384) = 5.95: finite and not worse than uniform after resuming
     elif component == "flextron":
@@ -106,14 +115,23 @@ def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, componen
             assert cell["results"]["records"] == reference["records"]
 
 
+# fsdp.yaml as shipped, but the CPU shim (tests/strategy_shims.py) and 32-bit on 2 CPU processes
+_FSDP1_ON_CPU = ["--trainer.strategy.class_path=tests.strategy_shims.CPUFSDPStrategy", "--trainer.accelerator=cpu",
+                 "--trainer.devices=2", "--trainer.precision=32-true"]
+
+
 @pytest.mark.slow
-def test_train_py_fsdp2_writes_excp_files_and_resumes_from_them(tmp_path: Path) -> None:
-    """The README command on 2 CPU processes: quickstart + fsdp2.yaml with a tiny model, then --ckpt_path."""
+@pytest.mark.parametrize(("trainer_config", "cpu_overrides"), [("fsdp2", []), ("fsdp", _FSDP1_ON_CPU)])
+def test_train_py_writes_excp_files_and_resumes_from_them(
+    tmp_path: Path, trainer_config: str, cpu_overrides: list[str]
+) -> None:
+    """The README command on 2 CPU processes: quickstart + fsdp2.yaml / fsdp.yaml with a tiny model, then
+    --ckpt_path (for FSDP1 also its norm clipping, which Lightning's FSDP precision plugin refuses)."""
     from callbacks.excp import is_excp_file, load_checkpoint
 
     tiny = json.dumps(TINY_LLAMA_CONFIG)
     base = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--config",
-            "configs/trainer/fsdp2.yaml", "--config", "configs/trainer/csv_logger.yaml",
+            f"configs/trainer/{trainer_config}.yaml", *cpu_overrides, "--config", "configs/trainer/csv_logger.yaml",
             f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--model.init_args.model=null",
             f"--model.init_args.model_config={tiny}", "--model.init_args.tokenizer=byt5",
             "--data.init_args.tokenizer=byt5", "--data.init_args.max_tokens=20000", "--trainer.limit_val_batches=1",

@@ -12,7 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.distributed.fsdp._common_utils import clean_tensor_name
 from typing_extensions import override
 
 from callbacks.excp.bases import find_pretrained_base
@@ -144,6 +146,8 @@ class ExCP(Callback):
             return
         if any(type(p.data) is not torch.Tensor or not p.is_floating_point() for p in pl_module.parameters()):
             return  # sharded (DTensor, flat) or quantized parameters: no process holds the files' tensors
+        if isinstance(trainer.strategy, FSDPStrategy):
+            return  # FSDP1 shards hide behind plain-tensor views; its state_dict() is a collective (rank 0 only here)
         found = find_pretrained_base(pl_module)
         if found is None:
             return
@@ -159,7 +163,8 @@ class ExCP(Callback):
         trainer = self._trainer
         assert trainer is not None
         module = trainer.lightning_module
-        named = list(module.named_parameters(remove_duplicate=False))
+        # FSDP1 inserts wrapper modules into the names ("_fsdp_wrapped_module."); its state dicts use the clean names
+        named = [(clean_tensor_name(n), p) for n, p in module.named_parameters(remove_duplicate=False)]
         id2name: dict[int, str] = {}
         for n, p in named:
             id2name.setdefault(id(p), n)

@@ -5,6 +5,9 @@
   loader reads files with ``torch.load(mmap=True)`` instead of the CheckpointIO, so :func:`prepare_strategy`
   routes ExCP files through the codec (every rank decodes the chain) and loads the full state into the
   sharded model and optimizer the way Lightning does for a plain full checkpoint.
+* ``FSDPStrategy`` (FSDP1) with ``state_dict_type="full"``: the same, rank 0 saves through the CheckpointIO
+  and its loader reads with ``_lazy_load``; ExCP files are loaded as in :mod:`callbacks.excp.fsdp1`.
+  ``"sharded"`` checkpoints are written and read by ``torch.distributed.checkpoint`` and are refused.
 * ``DeepSpeedStrategy`` with ZeRO stage 2 or 3: the engine's checkpoint folders are compressed after it
   writes them and restored before it loads (:mod:`callbacks.excp.deepspeed_strategy`).
 * Everything else that saves or loads outside the CheckpointIO is refused at setup in one line.
@@ -12,21 +15,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.deepspeed_strategy import SaveListener, route_deepspeed
 from callbacks.excp.fileformat import is_excp_file
+from callbacks.excp.fsdp1 import load_full_state as load_fsdp1_full_state
 from common.errors import UserFacingError
 
 # Strategies that save or load without going through the strategy's CheckpointIO (by class name, so that
 # no optional package such as DeepSpeed is imported to check).
 _BYPASSING = {
-    "FSDPStrategy": "FSDP (FSDP1) saves sharded checkpoints with torch.distributed.checkpoint and loads full ones "
-    "with torch.load; use ModelParallelStrategy (configs/trainer/fsdp2.yaml) with save_distributed_checkpoint: false",
     "XLAStrategy": "XLA saves through its own xm.save path",
 }
 
@@ -44,7 +47,7 @@ class ExCPStrategyError(UserFacingError):
 
 
 def prepare_strategy(strategy: Strategy, settings: ExCPSettings, on_save: SaveListener | None = None) -> None:
-    """Refuse strategies ExCP cannot serve; route FSDP2 full-state loading and DeepSpeed folders through ExCP."""
+    """Refuse strategies ExCP cannot serve; route FSDP/FSDP2 full-state loading and DeepSpeed folders through ExCP."""
     for cls in type(strategy).__mro__:
         if cls.__name__ in _BYPASSING:
             raise ExCPStrategyError(
@@ -57,7 +60,15 @@ def prepare_strategy(strategy: Strategy, settings: ExCPSettings, on_save: SaveLi
                 "ExCP cannot compress ModelParallelStrategy's distributed (per-rank) checkpoints: set "
                 "save_distributed_checkpoint: false (configs/trainer/fsdp2.yaml does) or remove the ExCP callback"
             )
-        _route_full_loading(strategy)
+        _route_full_loading(strategy, load_full_state)
+    if isinstance(strategy, FSDPStrategy):
+        if strategy._state_dict_type != "full":
+            raise ExCPStrategyError(
+                "ExCP cannot compress FSDPStrategy's sharded checkpoints (torch.distributed.checkpoint writes them, "
+                "not the CheckpointIO): set state_dict_type: full (configs/trainer/fsdp.yaml does) or remove the "
+                "ExCP callback"
+            )
+        _route_full_loading(strategy, load_fsdp1_full_state)
     if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
         stage = strategy.config.get("zero_optimization", {}).get("stage", 0) if strategy.config else 0
         if stage not in _DEEPSPEED_STAGES_COMPRESSED:
@@ -69,7 +80,8 @@ def prepare_strategy(strategy: Strategy, settings: ExCPSettings, on_save: SaveLi
         route_deepspeed(strategy, settings, on_save)
 
 
-def _route_full_loading(strategy: ModelParallelStrategy) -> None:
+def _route_full_loading(strategy: Strategy, load_full: Callable[[Any, dict[str, Any]], None]) -> None:
+    """Read ExCP files through the codec, then ``load_full`` puts the state into the sharded model and optimizers."""
     if getattr(strategy, "_excp_loader_installed", False):
         return
     original = strategy.load_checkpoint
@@ -79,7 +91,7 @@ def _route_full_loading(strategy: ModelParallelStrategy) -> None:
         if not (path.is_file() and is_excp_file(path)):
             return original(checkpoint_path, weights_only=weights_only)
         checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-        load_full_state(strategy, checkpoint)
+        load_full(strategy, checkpoint)
         return checkpoint
 
     strategy.load_checkpoint = load_checkpoint

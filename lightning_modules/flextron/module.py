@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
@@ -38,8 +37,9 @@ from typing_extensions import override
 
 from common.errors import UserFacingError
 from common.hf_loading import BYTE_TOKENIZER, load_causal_lm, load_tokenizer
+from lightning_modules.param_groups import decay_split
 from lightning_modules.schedules import warmup_cosine
-from lightning_modules.sharding import configure_sharding, refuse_strategy
+from lightning_modules.sharding import clip_grad_norm, configure_sharding, require_fsdp1_unit
 
 from .budgets import CostTable, cost_table
 from .constrained import RTOL, constrained_choices, min_cost
@@ -171,11 +171,12 @@ class FlextronModule(FlextronValidation):
     # ------------------------------------------------------------------ setup
     @override
     def configure_model(self) -> None:
-        """Shard the LLM under FSDP2; routers stay whole on every rank (read outside the LLM's forward)."""
-        refuse_strategy(self, FSDPStrategy,
-                        "FlextronModule: FSDPStrategy (FSDP1) fails in backward on its repeated sub-network forwards; "
-                        "use configs/trainer/fsdp2.yaml (ModelParallelStrategy), ddp or deepspeed")
+        """Shard the LLM under FSDP2 (FSDP1: Lightning wraps it); routers stay whole on every rank."""
         configure_sharding(self, shard=[self.model], replicate=[m for m in (self.router, self.surrogate) if m])
+
+    @override
+    def on_fit_start(self) -> None:
+        require_fsdp1_unit(self, self.model)  # after wrapping: backward runs inside training_step
 
     @override
     def setup(self, stage: str) -> None:
@@ -375,7 +376,7 @@ class FlextronModule(FlextronValidation):
             for p in self.model.parameters():
                 p.grad = None
         if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, self.hparams.grad_clip, shard=[self.model])
         optimizer.step()
         self.lr_schedulers().step()
 
@@ -405,8 +406,7 @@ class FlextronModule(FlextronValidation):
         """One AdamW over LLM and routers (so ``global_step`` counts batches): LLM groups follow warmup +
         cosine at ``learning_rate``, the router group keeps ``router_lr``."""
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        decay, no_decay = decay_split(self.model)
         router_params = list(self.router.parameters()) + (list(self.surrogate.parameters()) if self.surrogate else [])
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay, "lr": hp.learning_rate},

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, parse_config
+from tests.conftest import parse_config
 from tests.shrink import TINY_MODEL_OVERRIDES
 
 pytestmark = pytest.mark.gpu
@@ -41,26 +41,20 @@ def _fit(tmp_path: Path, *configs: str, extra: list[str] | None = None, ckpt_pat
     return cli.trainer
 
 
-def test_fsdp_fit_bf16(tmp_path: Path) -> None:
-    import yaml
-
-    config = yaml.safe_load((REPO_ROOT / "configs/quickstart.yaml").read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "excp" not in c["class_path"]]
-    path = tmp_path / "no_excp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    trainer = _fit(tmp_path, str(path), "configs/trainer/fsdp.yaml")  # ExCP under FSDP1: the CPU strategy matrix
-    assert trainer.global_step == 4
-    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/loss"])))
-
-
-def test_deepspeed_stage2_fit_writes_excp_folders_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2", "deepspeed_stage2", "deepspeed_stage3"])
+def test_sharded_bf16_fit_writes_excp_checkpoints_and_resumes(tmp_path: Path, strategy: str) -> None:
+    """The quickstart (ExCP attached) under each shipped sharded config in its bf16-mixed precision, then resumed."""
+    from callbacks.excp import is_excp_file
     from callbacks.excp.deepspeed_files import has_excp_files
 
-    trainer = _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml")
+    config = f"configs/trainer/{strategy}.yaml"
+    one_gpu = ["--trainer.strategy.init_args.data_parallel_size=1"] if strategy == "fsdp2" else []
+    trainer = _fit(tmp_path, config, extra=one_gpu)
     last = tmp_path / "ckpt" / "last.ckpt"
-    assert trainer.global_step == 4 and last.is_dir() and has_excp_files(last)
-    resumed = _fit(tmp_path, "configs/trainer/deepspeed_stage2.yaml", extra=["--trainer.max_steps=6"],
-                   ckpt_path=str(last))
+    assert trainer.global_step == 4
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["val/loss"])))
+    assert has_excp_files(last) if strategy.startswith("deepspeed") else is_excp_file(last)
+    resumed = _fit(tmp_path, config, extra=[*one_gpu, "--trainer.max_steps=6"], ckpt_path=str(last))
     assert resumed.global_step == 6
 
 

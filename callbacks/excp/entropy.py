@@ -39,6 +39,8 @@ _RARE = 64
 """Table frequencies (of 2**PRECISION) below this count as rare for the payload-size bound."""
 _STATE_BITS = 64
 """An ANS coder's state absorbs up to this many bits, so a stream may be that much shorter than its information."""
+_DECODE_SLICE = 1 << 16
+"""Symbols decoded per call (about a millisecond): decoding a stream slice by slice gives the same symbols."""
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -134,12 +136,18 @@ def decode_rans(payload: bytes | memoryview, count: int) -> np.ndarray:
     if 8 * len(body) + _STATE_BITS < 0.99 * min_bits:
         raise ValueError(f"a {len(body)}-byte rANS payload cannot hold {count} symbols of its model")
     words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
+    symbols = np.empty(count, dtype=np.uint8)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        symbols = coder.decode(_model(freq), count)
+        model = _model(freq)
+        # in slices: constriction holds the GIL while it decodes, so one call per stream would stall
+        # the decoder's other threads (their numpy work releases it) for a whole large tensor
+        for start in range(0, count, _DECODE_SLICE):
+            stop = min(count, start + _DECODE_SLICE)
+            symbols[start:stop] = coder.decode(model, stop - start)
         empty = coder.is_empty()
     except Exception as error:  # constriction reports malformed data as ValueError; keep it one type
         raise ValueError(f"rANS payload is malformed ({error})") from None
     if not empty:
         raise ValueError("rANS payload holds more data than its symbol count")
-    return symbols.astype(np.uint8)
+    return symbols

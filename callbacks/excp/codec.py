@@ -87,7 +87,8 @@ class ExCPSettings:
             faster to decode, up to ~15% larger on sparse streams).
         lossless_level: zstd level of lossless (keyframe) byte planes; 1 is measured smaller and faster
             than higher levels on float byte planes.
-        threads: tensors encoded in parallel (torch and zstd release the GIL).
+        threads: tensors encoded in parallel (torch and zstd release the GIL); a reader rebuilds
+            tensors on as many threads (at most its CPUs) unless told otherwise.
         seed: seed of the k-means sampling, so encodes are reproducible.
     """
 

@@ -141,7 +141,7 @@ def decode_rans(payload: bytes | memoryview, count: int) -> np.ndarray:
         coder = constriction.stream.stack.AnsCoder(words)
         model = _model(freq)
         # in slices: constriction holds the GIL while it decodes, so one call per stream would stall
-        # the decoder's other threads (their numpy work releases it) for a whole large tensor
+        # the program's other threads for a whole large tensor
         for start in range(0, count, _DECODE_SLICE):
             stop = min(count, start + _DECODE_SLICE)
             symbols[start:stop] = coder.decode(model, stop - start)

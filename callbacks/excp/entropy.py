@@ -56,7 +56,17 @@ def quantized_frequencies(counts: np.ndarray) -> np.ndarray:
     """Integer frequencies proportional to ``counts`` that sum to ``2**PRECISION``, >= 1 where count > 0."""
     c = np.asarray(counts, dtype=np.float64)
     freq = np.where(c > 0, np.maximum(1, np.rint(c * _TOTAL / c.sum())), 0).astype(np.int64)
-    freq[int(np.argmax(freq))] += _TOTAL - int(freq.sum())  # the largest absorbs the rounding (stays >= 1)
+    top = int(np.argmax(freq))
+    excess = int(freq.sum()) - _TOTAL
+    if freq[top] - excess >= 1:
+        freq[top] -= excess  # the largest absorbs the rounding
+        return freq
+    # many near-equal symbols all rounded up (e.g. 242 symbols seen once: 68 each, 72 too many):
+    # the largest give one unit each, never going below 1, until the table sums exactly
+    while excess > 0:
+        order = np.argsort(-freq, kind="stable")[: min(excess, int(np.count_nonzero(freq > 1)))]
+        freq[order] -= 1
+        excess -= order.size
     return freq
 
 

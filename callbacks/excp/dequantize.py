@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from callbacks.excp.quantize import decode_indices, decode_lossless
+from callbacks.excp.quantize import decode_indices, decode_lossless, holds_gil
 
 __all__ = ["CODEBOOK_HEAD", "ParamStreams", "compute_dtype", "decode_param", "read_param", "rebuild", "reconstruct"]
 
@@ -96,9 +96,11 @@ class ParamStreams:
     dtype: torch.dtype
     base: torch.Tensor | None  # what a "delta" W stream is added to
     lossless_w: bytes | None  # a losslessly stored W (its record; decoded by rebuild)
-    w: tuple[np.ndarray, np.ndarray] | None  # codebook and codes of a quantized W
-    m: tuple[np.ndarray, np.ndarray] | None  # m's codebook and one code per W survivor
-    v: tuple[np.ndarray, np.ndarray] | None  # v's codebook and one code per m survivor
+    # quantized streams, as records until decoded, then (codebook, codes): W's has a code per element,
+    # m's one per W survivor (per element when W is lossless), v's one per m survivor
+    w: bytes | tuple[np.ndarray, np.ndarray] | None
+    m: bytes | tuple[np.ndarray, np.ndarray] | None
+    v: bytes | tuple[np.ndarray, np.ndarray] | None
     lossless_moments: tuple[bytes, bytes | None] | None  # a keyframe's m and v records
     m_dtype: torch.dtype | None
     v_dtype: torch.dtype | None
@@ -133,24 +135,55 @@ def read_param(
     streams = ParamStreams(shape, dtype, None, None, None, None, None, None, m_dtype, v_dtype, v_floor)
     if w_mode == "lossless":
         streams.lossless_w = w_blob
-        kept = n
     else:
         if w_mode not in ("delta", "absolute"):
             raise ValueError(f"unknown weight mode {w_mode!r}")
         if w_mode == "delta" and (ref is None or ref.numel() != n):
             raise ValueError("delta-coded weights need their reference, of the same size")
         streams.base = ref if w_mode == "delta" else None
-        streams.w = read_stream(w_blob, n)
-        kept = np.count_nonzero(streams.w[1])
-    if weights_only or m_blob is None:
-        return streams
-    if kind == "keyframe":
-        streams.lossless_moments = (m_blob, v_blob)
-        return streams
-    streams.m = read_stream(m_blob, int(kept))
-    if v_blob is not None:
-        streams.v = read_stream(v_blob, int(np.count_nonzero(streams.m[1])))
+        streams.w = w_blob
+    if not (weights_only or m_blob is None):
+        if kind == "keyframe":
+            streams.lossless_moments = (m_blob, v_blob)
+        else:
+            streams.m, streams.v = m_blob, v_blob
+    # only rANS streams (and the ones their counts depend on) now: zstd layouts decode in rebuild(),
+    # which the reader runs on several threads
+    _decode(streams, max((i for i, s in enumerate(_streams(streams)) if _holds_gil(s)), default=-1))
     return streams
+
+
+def _streams(streams: ParamStreams) -> tuple[bytes | tuple[np.ndarray, np.ndarray] | None, ...]:
+    return streams.w, streams.m, streams.v
+
+
+def _holds_gil(stream: bytes | tuple[np.ndarray, np.ndarray] | None) -> bool:
+    """Whether a still-coded stream is rANS-coded (malformed ones count too: they fail at once)."""
+    if not isinstance(stream, bytes | memoryview):
+        return False
+    if len(stream) < CODEBOOK_HEAD.size:
+        return True
+    (k,) = CODEBOOK_HEAD.unpack_from(stream, 0)
+    return holds_gil(memoryview(stream)[CODEBOOK_HEAD.size + 4 * min(k, len(stream)) :])
+
+
+def _decode(streams: ParamStreams, last: int) -> None:
+    """Decode the still-coded W, m and v streams (in that order) up to index ``last`` (2: all of them).
+
+    Each holds one code per nonzero code of the stream before it (per element for W and after a
+    lossless W), a count checked before anything is allocated.
+    """
+    kept = math.prod(streams.shape)
+    for index, key in enumerate(("w", "m", "v")):
+        stream = getattr(streams, key)
+        if stream is None:
+            continue
+        if not isinstance(stream, tuple):
+            if index > last:
+                return
+            stream = read_stream(stream, kept)
+            setattr(streams, key, stream)
+        kept = int(np.count_nonzero(stream[1]))
 
 
 def _positions(codes: np.ndarray) -> np.ndarray:
@@ -160,7 +193,7 @@ def _positions(codes: np.ndarray) -> np.ndarray:
 
 def _moments(streams: ParamStreams, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """m and v (fp32, flat) from nested code streams: m has one code per W survivor, v one per m survivor."""
-    assert streams.m is not None
+    assert isinstance(streams.m, tuple) and not isinstance(streams.w, bytes) and not isinstance(streams.v, bytes)
     m_table = _table(0.0, streams.m[0])
     v_table = None if streams.v is None else _table(streams.v_floor, streams.v[0])  # pruned v: the floor
     m_out = torch.empty(n, dtype=torch.float32)
@@ -194,10 +227,12 @@ def _moments(streams: ParamStreams, n: int) -> tuple[torch.Tensor, torch.Tensor 
 def rebuild(streams: ParamStreams) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(W, m, v)`` of one tensor from its decoded streams (moments None when absent or not asked)."""
     shape, n = streams.shape, math.prod(streams.shape)
+    _decode(streams, 2)
     if streams.w is None:
         assert streams.lossless_w is not None
         w = decode_lossless(streams.lossless_w, streams.dtype, shape)
     else:
+        assert isinstance(streams.w, tuple)
         w = reconstruct(streams.base, *streams.w, streams.dtype, shape)
     if streams.lossless_moments is not None:
         m_blob, v_blob = streams.lossless_moments

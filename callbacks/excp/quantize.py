@@ -26,6 +26,7 @@ import zstandard
 from callbacks.excp.entropy import decode_rans, encode_rans
 
 __all__ = [
+    "holds_gil",
     "assign",
     "decode_indices",
     "decode_lossless",
@@ -220,6 +221,11 @@ def _max_symbols(payload_bytes: int) -> int:
     """Most codes a stream of this many bytes may hold: zstd's own bound, so that no stream, whatever
     its coder, lets a few bytes of a crafted file claim (and make the reader allocate) far more."""
     return MAX_ZSTD_EXPANSION * payload_bytes + (1 << 17)
+
+
+def holds_gil(blob: bytes | memoryview) -> bool:
+    """Whether decoding this index stream holds the GIL throughout (rANS; unreadable ones count too)."""
+    return len(blob) < _IDX_HEAD.size or blob[0] == _MODE_RANS
 
 
 def decode_indices(blob: bytes | memoryview, expected: int | None = None) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Decoding is split in two steps so that the reader can run the second on several threads:
 
-1. :func:`read_param` entropy-decodes and checks the code streams. Its rANS decoder holds the GIL,
-   so the reader runs this step for all tensors of a file on one thread.
-2. :func:`rebuild` turns codes into tensors with numpy ops that release the GIL, block by block:
+1. :func:`read_param` checks a tensor's entry and decodes its rANS streams (and any stream whose
+   code count they need). constriction holds the GIL while it decodes, so the reader runs this step
+   for all tensors of a file on one thread: a thread waiting for the GIL behind it would stall.
+2. :func:`rebuild` decodes the zstd layouts (zstd releases the GIL) and turns codes into tensors
+   with numpy ops that release it too, block by block:
    a code becomes its value by one gather from a small table, a nested mask is expanded through the
    block's survivor positions, and every temporary stays cache-sized. Outputs are allocated by torch
    (small pages: on the machines measured, huge-page faults of numpy's large arrays cost twice as much).

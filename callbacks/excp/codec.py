@@ -19,18 +19,16 @@ decoder, so the decoder reproduces the encoder's tracked reference bit for bit.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from callbacks.excp.dequantize import CODEBOOK_HEAD, compute_dtype, decode_param, reconstruct
 from callbacks.excp.quantize import (
     CODERS,
     assign,
-    decode_indices,
-    decode_lossless,
     encode_indices,
     encode_lossless,
     kmeans_1d,
@@ -89,7 +87,8 @@ class ExCPSettings:
             faster to decode, up to ~15% larger on sparse streams).
         lossless_level: zstd level of lossless (keyframe) byte planes; 1 is measured smaller and faster
             than higher levels on float byte planes.
-        threads: tensors encoded in parallel (torch and zstd release the GIL).
+        threads: tensors encoded in parallel (torch and zstd release the GIL); a reader rebuilds
+            tensors on as many threads (at most its CPUs) unless told otherwise.
         seed: seed of the k-means sampling, so encodes are reproducible.
     """
 
@@ -180,31 +179,9 @@ class ParamCode:
     v_floor: float = 0.0  # the value pruned second-moment entries decode to
 
 
-_CB_HEAD = struct.Struct("<I")
-
-
 def _stream_blob(codebook: torch.Tensor, codes: np.ndarray, s: ExCPSettings) -> bytes:
     cb = codebook.to(torch.float32).contiguous().numpy()
-    return _CB_HEAD.pack(cb.size) + cb.tobytes() + encode_indices(codes, level=s.zstd_level, coder=s.entropy_coder)
-
-
-def _read_stream(blob: bytes, expected: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Codebook and codes of one stream that must hold ``expected`` codes (checked before allocating)."""
-    if len(blob) < _CB_HEAD.size:
-        raise ValueError("quantized stream is shorter than its header")
-    (k,) = _CB_HEAD.unpack_from(blob, 0)
-    off = _CB_HEAD.size
-    if k > 255 or off + 4 * k > len(blob):
-        raise ValueError(f"quantized stream claims a codebook of {k} entries")
-    cb = torch.from_numpy(np.frombuffer(blob, dtype=np.float32, count=k, offset=off).copy())
-    codes = decode_indices(bytes(blob[off + 4 * k :]), expected)
-    if codes.size and int(codes.max()) > k:
-        raise ValueError("quantized stream uses a code outside its codebook")
-    return cb, codes
-
-
-def _with_zero(cb: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.float32), cb])
+    return CODEBOOK_HEAD.pack(cb.size) + cb.tobytes() + encode_indices(codes, level=s.zstd_level, coder=s.entropy_coder)
 
 
 def _quantize(
@@ -221,10 +198,6 @@ def _quantize(
         log_domain = False
     codes = assign(values, cb, log_domain=log_domain) + 1
     return cb, codes.to(torch.uint8).numpy()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _weight_factor(v: torch.Tensor | None, s: ExCPSettings) -> float:
@@ -283,7 +256,7 @@ def encode_param_delta(
         codes = _quantize_streams(None, torch.ones(n, dtype=torch.bool), m, v, s, generator)
         w_blob, recon, w_mode = encode_lossless(w, level=s.lossless_level), w.clone(), "lossless"
     else:
-        cd = _compute_dtype(w.dtype)
+        cd = compute_dtype(w.dtype)
         base = ref.detach().cpu().reshape(-1).to(cd) if s.residual else torch.zeros(n, dtype=cd)
         dw = w.reshape(-1).to(cd) - base
         if s.target_bits_per_param is not None:
@@ -294,8 +267,8 @@ def encode_param_delta(
         assert codes.cb_w is not None and codes.idx_w is not None
         w_blob = _blobs(codes, s)["w"]
         # the decoder's exact expression, so both sides hold the same bits (closed loop)
-        idx = torch.from_numpy(codes.idx_w)
-        recon = (base + _with_zero(codes.cb_w).to(cd)[idx.int()]).to(w.dtype).reshape(w.shape)
+        codebook = codes.cb_w.to(torch.float32).numpy()
+        recon = reconstruct(base if s.residual else None, codebook, codes.idx_w, w.dtype, w.shape)
         w_mode = "delta" if s.residual else "absolute"
     blobs = _blobs(codes, s)
     m_blob, v_blob = blobs.get("m"), blobs.get("v")
@@ -364,11 +337,11 @@ def _quantize_streams(
         mkeep = candidates[wmask]
         cb_m, codes_m = _quantize(m[wmask].float()[mkeep], s.bits_m, s, gen, log_domain=False)
         idx_m = torch.zeros(mkeep.numel(), dtype=torch.uint8).masked_scatter_(mkeep, torch.from_numpy(codes_m)).numpy()
-        kept_m = int(mkeep.sum())
+        kept_m = int(torch.count_nonzero(mkeep))  # ~10x faster than summing a bool tensor
         kept_v[wmask] = mkeep
         if v is not None:
             cb_v, idx_v = _quantize(v[kept_v].float(), s.bits_v, s, gen, log_domain=s.v_log_domain)
-    return _Codes(cb_w, idx_w, cb_m, idx_m, cb_v, idx_v, kept_v, int(wmask.sum()), kept_m)
+    return _Codes(cb_w, idx_w, cb_m, idx_m, cb_v, idx_v, kept_v, int(torch.count_nonzero(wmask)), kept_m)
 
 
 def _fit_budget(
@@ -398,64 +371,3 @@ def _pruned_mean(v: torch.Tensor, kept: torch.Tensor) -> float:
         return 0.0
     value = float(pruned.mean(dtype=torch.float64))
     return value if math.isfinite(value) and value >= 0 else 0.0
-
-
-def decode_param(
-    *,
-    kind: str,
-    w_mode: str,
-    w_blob: bytes,
-    m_blob: bytes | None,
-    v_blob: bytes | None,
-    ref: torch.Tensor | None,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    m_dtype: torch.dtype | None,
-    v_dtype: torch.dtype | None,
-    weights_only: bool = False,
-    v_floor: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Inverse of the two encoders: returns ``(W, m, v)`` (moments None when absent or not asked).
-
-    Args:
-        kind: ``"keyframe"`` or ``"delta"`` (the file kind).
-        w_mode: the entry's weight mode (``"delta"``, ``"absolute"`` or ``"lossless"``).
-        ref: the reconstructed previous weights (required for ``w_mode == "delta"``).
-        weights_only: skip the moments (chain replay only needs the weights of earlier files).
-        v_floor: the value of pruned second-moment entries (0.0 in files written before it existed).
-    """
-    n = math.prod(shape)
-    if w_mode == "lossless":
-        w = decode_lossless(w_blob, dtype, shape)
-        wmask = torch.ones(n, dtype=torch.bool)
-    else:
-        cd = _compute_dtype(dtype)
-        if w_mode not in ("delta", "absolute"):
-            raise ValueError(f"unknown weight mode {w_mode!r}")
-        if w_mode == "delta" and (ref is None or ref.numel() != n):
-            raise ValueError("delta-coded weights need their reference, of the same size")
-        cb, idx = _read_stream(w_blob, n)
-        if w_mode == "absolute":
-            ref = torch.zeros(n, dtype=cd)
-        assert ref is not None
-        codes = torch.from_numpy(idx)
-        w = (ref.reshape(-1).to(cd) + _with_zero(cb).to(cd)[codes.int()]).to(dtype).reshape(shape)
-        wmask = codes != 0
-    if weights_only or m_blob is None:
-        return w, None, None
-    if kind == "keyframe":
-        m = decode_lossless(m_blob, m_dtype, shape)
-        v = None if v_blob is None else decode_lossless(v_blob, v_dtype, shape)
-        return w, m, v
-    # nested masks without index lists: scatter m's codes into the weight mask, v's into m's
-    cb_m, idx_m = _read_stream(m_blob, int(wmask.sum()))
-    m_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(wmask, torch.from_numpy(idx_m))
-    m = _with_zero(cb_m)[m_codes.int()]
-    v = None
-    if v_blob is not None:
-        mmask = m_codes != 0
-        cb_v, idx_v = _read_stream(v_blob, int(mmask.sum()))
-        v_codes = torch.zeros(n, dtype=torch.uint8).masked_scatter_(mmask, torch.from_numpy(idx_v))
-        levels = torch.cat([torch.tensor([v_floor], dtype=torch.float32), cb_v.to(torch.float32)])
-        v = levels[v_codes.int()].to(v_dtype).reshape(shape)
-    return w, m.to(m_dtype).reshape(shape), v

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import zstandard
@@ -20,7 +22,7 @@ import zstandard
 from callbacks.excp.bases import BaseSource, resolve_base
 from callbacks.excp.blockwise8bit import restore_8bit_states
 from callbacks.excp.bounds import check_lossless_size
-from callbacks.excp.codec import decode_param
+from callbacks.excp.dequantize import ParamStreams, read_param, rebuild
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
 from callbacks.excp.quantize import decode_lossless, dtype_from_name
 from callbacks.excp.references import chain_paths, starts_chain
@@ -32,6 +34,7 @@ __all__ = ["decode_sequence", "load_checkpoint", "load_checkpoint_and_head", "op
 
 Weights = dict[str, torch.Tensor]
 Moments = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+_T = TypeVar("_T")
 _SKELETON_EXPANSION = 256
 """The metadata record may decompress to at most this many times its size (plus 1 MiB)."""
 
@@ -57,9 +60,7 @@ def open_chain(path: str | os.PathLike) -> list[ExCPFile]:
     return files
 
 
-def _decode_entry(
-    file: ExCPFile, entry: dict[str, Any], reference: Weights | None, skip_moments: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _read_entry(file: ExCPFile, entry: dict[str, Any], reference: Weights | None, skip_moments: bool) -> ParamStreams:
     name = entry["name"]
     shape = tuple(int(d) for d in entry["shape"])
     base = None
@@ -75,7 +76,7 @@ def _decode_entry(
     first, second = entry.get("m"), entry.get("v")
     # a keyframe written with keyframe_moments="lossy" quantizes its moments as a delta does
     moments_kind = "delta" if entry.get("moments") == "quantized" else file.header["kind"]
-    return decode_param(
+    return read_param(
         kind=moments_kind,
         w_mode=entry["w_mode"],
         w_blob=file.record(entry["rec_w"]),
@@ -98,21 +99,53 @@ def _v_floor(file: ExCPFile, second: dict[str, Any] | None) -> float:
     return float(floor)
 
 
-def _decode_file(file: ExCPFile, reference: Weights | None, skip_moments: bool) -> tuple[Weights, Moments]:
-    """Weights (and moments unless skipped) of one file; a twin holds none and returns its reference's."""
+def _threads(file: ExCPFile, threads: int | None) -> int:
+    """Tensors rebuilt at once: ``threads``, or else the ``threads`` the file was written with (at most the CPUs)."""
+    if threads is not None:
+        return max(1, threads)
+    recorded = file.header.get("settings", {}).get("threads", 1)
+    return max(1, min(recorded if type(recorded) is int else 1, os.cpu_count() or 1))
+
+
+def _decode_file(
+    file: ExCPFile, reference: Weights | None, skip_moments: bool, threads: int | None = None
+) -> tuple[Weights, Moments]:
+    """Weights (and moments unless skipped) of one file; a twin holds none and returns its reference's.
+
+    The code streams are entropy-decoded first, then with several threads the tensors are rebuilt in
+    parallel, largest first; a corrupted file raises the error of its first bad tensor either way.
+    """
     if file.header["kind"] == "twin":
         return dict(reference or {}), {}
-    weights: Weights = {}
-    moments: Moments = {}
-    for entry in file.header["entries"]:
+    entries = file.header["entries"]
+
+    def checked(step: Callable[[], _T], entry: dict[str, Any]) -> _T:
         try:
-            weight, first, second = _decode_entry(file, entry, reference, skip_moments)
+            return step()
         except ExCPFormatError:
             raise
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError, zstandard.ZstdError) as error:
             raise ExCPFormatError(
                 file.path, f"tensor {entry.get('name')!r} cannot be decoded ({error}; file is corrupted)"
             ) from None
+
+    # entropy decoding holds the GIL (constriction): one thread; rebuilding the tensors releases it
+    streams = [checked(lambda e=e: _read_entry(file, e, reference, skip_moments), e) for e in entries]
+    workers = min(_threads(file, threads), len(entries))
+    if workers > 1:
+        pool = ThreadPoolExecutor(workers)
+        try:
+            largest_first = sorted(range(len(entries)), key=lambda i: -math.prod(entries[i]["shape"]))
+            futures = {i: pool.submit(checked, partial(rebuild, streams[i]), entries[i]) for i in largest_first}
+            decoded = [futures[i].result() for i in range(len(entries))]
+        finally:
+            pool.shutdown(cancel_futures=True)
+    else:
+        decoded = [checked(partial(rebuild, s), e) for s, e in zip(streams, entries, strict=True)]
+    del streams
+    weights: Weights = {}
+    moments: Moments = {}
+    for entry, (weight, first, second) in zip(entries, decoded, strict=True):
         weights[entry["name"]] = weight
         moments[entry["name"]] = (first, second)
     return weights, moments
@@ -126,17 +159,23 @@ def _chain_start(file: ExCPFile, base: BaseSource | None) -> Weights | None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+    path: str | os.PathLike,
+    weights_only: bool | None = True,
+    base: BaseSource | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Rebuild the checkpoint dict stored at ``path``, replaying its chain from the keyframe (or base).
 
     Arguments and errors as in :func:`load_checkpoint_and_head`.
     """
-    return load_checkpoint_and_head(path, weights_only, base)[0]
+    return load_checkpoint_and_head(path, weights_only, base, threads)[0]
 
 
 def load_checkpoint_and_head(
-    path: str | os.PathLike, weights_only: bool | None = True, base: BaseSource | None = None
+    path: str | os.PathLike,
+    weights_only: bool | None = True,
+    base: BaseSource | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, Any], ExCPFile]:
     """:func:`load_checkpoint`, plus the verified file at ``path`` (a resume continues its chain from it).
 
@@ -150,6 +189,8 @@ def load_checkpoint_and_head(
         base: the weights the run started from, for a chain whose first file was coded against them
             (see :mod:`callbacks.excp.bases`): a weights dict, a function returning one, or a
             safetensors folder or file; the folder recorded in the file is tried after it.
+        threads: tensors decoded in parallel; None: the ``threads`` setting the file was written with
+            (at most the number of CPUs).
 
     Raises:
         ExCPFormatError: a file is missing, truncated, corrupted, not the reference it should be, or
@@ -165,7 +206,7 @@ def load_checkpoint_and_head(
         for position, file in enumerate(files):
             # moments come from the last file that holds tensors (later files are its twins)
             need_moments = all(kind == "twin" for kind in kinds[position + 1 :])
-            decoded, decoded_moments = _decode_file(file, weights, skip_moments=not need_moments)
+            decoded, decoded_moments = _decode_file(file, weights, not need_moments, threads)
             weights = decoded
             if file.header["kind"] != "twin":
                 moments = decoded_moments
@@ -228,13 +269,16 @@ def _assemble(file: ExCPFile, weights: Weights, moments: Moments, trust_pickles:
 
 
 def decode_sequence(
-    paths: Sequence[str | os.PathLike], weights_only: bool | None = True, base: BaseSource | None = None
+    paths: Sequence[str | os.PathLike],
+    weights_only: bool | None = True,
+    base: BaseSource | None = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Decode a series of files of one chain in order, replaying each file once (not once per file).
 
     The first file's chain is replayed as in :func:`load_checkpoint`; each later file that
     references the previous one continues from it (after checking its sha256), any other file
-    rebuilds its own chain. ``weights_only`` and ``base`` as in :func:`load_checkpoint`.
+    rebuilds its own chain. ``weights_only``, ``base`` and ``threads`` as in :func:`load_checkpoint_and_head`.
     """
     trust = weights_only is False
     previous: ExCPFile | None = None
@@ -260,13 +304,13 @@ def decode_sequence(
             holders = [i for i, earlier in enumerate(chain[:-1]) if earlier.header["kind"] != "twin"]
             for position, earlier in enumerate(chain[:-1]):
                 need_moments = kind == "twin" and position == holders[-1]
-                weights, decoded_moments = _decode_file(earlier, weights, skip_moments=not need_moments)
+                weights, decoded_moments = _decode_file(earlier, weights, not need_moments, threads)
                 if need_moments:
                     moments = decoded_moments
         if kind == "twin":
             decoded, decoded_moments = dict(weights or {}), moments
         else:
-            decoded, decoded_moments = _decode_file(file, weights if kind == "delta" else None, skip_moments=False)
+            decoded, decoded_moments = _decode_file(file, weights if kind == "delta" else None, False, threads)
         yield path, _assemble(file, decoded, decoded_moments, trust)
         weights, moments, previous = decoded, decoded_moments, file
 

@@ -39,6 +39,8 @@ _RARE = 64
 """Table frequencies (of 2**PRECISION) below this count as rare for the payload-size bound."""
 _STATE_BITS = 64
 """An ANS coder's state absorbs up to this many bits, so a stream may be that much shorter than its information."""
+_DECODE_SLICE = 1 << 16
+"""Symbols decoded per call (about a millisecond): decoding a stream slice by slice gives the same symbols."""
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -54,7 +56,17 @@ def quantized_frequencies(counts: np.ndarray) -> np.ndarray:
     """Integer frequencies proportional to ``counts`` that sum to ``2**PRECISION``, >= 1 where count > 0."""
     c = np.asarray(counts, dtype=np.float64)
     freq = np.where(c > 0, np.maximum(1, np.rint(c * _TOTAL / c.sum())), 0).astype(np.int64)
-    freq[int(np.argmax(freq))] += _TOTAL - int(freq.sum())  # the largest absorbs the rounding (stays >= 1)
+    top = int(np.argmax(freq))
+    excess = int(freq.sum()) - _TOTAL
+    if freq[top] - excess >= 1:
+        freq[top] -= excess  # the largest absorbs the rounding
+        return freq
+    # many near-equal symbols all rounded up (e.g. 242 symbols seen once: 68 each, 72 too many):
+    # the largest give one unit each, never going below 1, until the table sums exactly
+    while excess > 0:
+        order = np.argsort(-freq, kind="stable")[: min(excess, int(np.count_nonzero(freq > 1)))]
+        freq[order] -= 1
+        excess -= order.size
     return freq
 
 
@@ -134,12 +146,18 @@ def decode_rans(payload: bytes | memoryview, count: int) -> np.ndarray:
     if 8 * len(body) + _STATE_BITS < 0.99 * min_bits:
         raise ValueError(f"a {len(body)}-byte rANS payload cannot hold {count} symbols of its model")
     words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
+    symbols = np.empty(count, dtype=np.uint8)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        symbols = coder.decode(_model(freq), count)
+        model = _model(freq)
+        # in slices: constriction holds the GIL while it decodes, so one call per stream would stall
+        # the program's other threads for a whole large tensor
+        for start in range(0, count, _DECODE_SLICE):
+            stop = min(count, start + _DECODE_SLICE)
+            symbols[start:stop] = coder.decode(model, stop - start)
         empty = coder.is_empty()
     except Exception as error:  # constriction reports malformed data as ValueError; keep it one type
         raise ValueError(f"rANS payload is malformed ({error})") from None
     if not empty:
         raise ValueError("rANS payload holds more data than its symbol count")
-    return symbols.astype(np.uint8)
+    return symbols

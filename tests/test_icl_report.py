@@ -47,5 +47,7 @@ def test_n0_is_kept_in_units_but_not_aggregated(tmp_path):
     assert rows[0]["epochs"] == 2 and rows[0]["flags"] == "-"
     agg["gd_selection"]["pretrained"]["sst2"]["fallback"] = True  # the rule could not qualify a step size
     assert [r["flags"] for r in icl_paper_report.summary_rows(agg)] == ["fallback", "unchanged,fallback"]
+    agg["gd_selection"]["pretrained"]["sst2"]["below_zero_shot"] = True  # the chosen step size lost dev accuracy
+    assert icl_paper_report.summary_rows(agg)[0]["flags"] == "fallback,below_zero_shot"
     assert icl_paper_report.plot_summary(rows, tmp_path / "s.png").stat().st_size > 0
     assert icl_report.plot_sweep(agg, tmp_path / "sweep.png") is not None

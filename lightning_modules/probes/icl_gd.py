@@ -68,8 +68,8 @@ class ICLvsGDProbe(L.LightningModule):
             the datamodule's held-out dev set (see ``icl_gd_selection`` for the rule); None: use ``gd_lr``.
         gd_epochs_grid: Epoch counts searched with ``gd_lr_grid``; None: ``[gd_epochs]``.
         gd_max_accuracy_loss_se: The selection's accuracy floor: a step size whose dev accuracy is more
-            than this many standard errors below zero-shot's is not chosen (unless nothing else is left,
-            then flagged ``fallback``); None: no floor (``icl_gd_selection``).
+            than this many standard errors below zero-shot's is chosen only when no other one moves the
+            model, and is then flagged ``below_zero_shot``; None: no floor (``icl_gd_selection``).
         gd_preset: None or "dai" (SGD, K/V only, 1 epoch, Dai et al.'s per-task learning rates; a task
             the preset does not cover gets the chosen or given step size).
         batch_size: Scoring batch size.
@@ -100,7 +100,7 @@ class ICLvsGDProbe(L.LightningModule):
         gd_params: str = "all",
         gd_lr: float = 1e-3,
         gd_epochs: int = 2,
-        gd_lr_grid: Sequence[float] | None = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3),
+        gd_lr_grid: Sequence[float] | None = (3e-4, 1e-3, 2e-3, 3e-3),
         gd_epochs_grid: Sequence[int] | None = None,
         gd_max_accuracy_loss_se: float | None = MAX_ACCURACY_LOSS_SE,
         gd_preset: str | None = None,
@@ -236,7 +236,8 @@ class ICLvsGDProbe(L.LightningModule):
                 f"[icl_gd] {task.name}: GD lr {chosen['lr']:g}, {chosen['epochs']} epoch(s) chosen on "
                 f"{record['n_dev']} dev examples x {record['n_selection_sets']} demo set(s) per N, needing "
                 f">= {record['required_dev_changed']:.2f} changed"
-                f"{' (fallback: ' + str(record['met'] or 'nothing moved') + ')' if record['fallback'] else ''} [{grid}]"
+                f"{' (fallback: ' + str(record['met'] or 'nothing moved') + ')' if record['fallback'] else ''}"
+                f"{' (below zero-shot dev accuracy)' if record['below_zero_shot'] else ''} [{grid}]"
             )
         record = self._selections[key]
         return record["config"], {k: v for k, v in record.items() if k != "config"}

@@ -135,7 +135,8 @@ def test_moving_comes_before_the_accuracy_floor_and_the_loss_is_reported():
     # within one SE of the most accurate, the larger move wins, as without a floor
     assert (best, met) == (towards_one_label, "margin") and harmful(best, 64, 0.80)
     # a non-moving candidate is never preferred to a moving one for its accuracy
-    assert choose([harmless_but_small, still], 64, 0.306, zero_shot_accuracy=0.80) == (harmless_but_small, "min_changed")
+    small_move = choose([harmless_but_small, still], 64, 0.306, zero_shot_accuracy=0.80)
+    assert small_move == (harmless_but_small, "min_changed")
     # below the floor but moving beats above the floor at the bare 20%: the margin comes first
     assert choose([costs_less, harmless_but_small], 64, 0.306, zero_shot_accuracy=0.80) == (costs_less, "margin")
     # collapsed candidates stay out whatever the floor: nothing moves -> most accurate, met None

@@ -186,7 +186,8 @@ def test_selection_defaults_in_code_and_shipped_config_agree():
 
     cfg = yaml.safe_load(open("configs/probes/icl_gd.yaml"))
     for cls, section, keys in (
-        (ICLvsGDProbe, "model", ("gd_lr", "gd_epochs", "gd_lr_grid", "gd_epochs_grid", "gd_max_accuracy_loss_se")),
+        (ICLvsGDProbe, "model", ("gd_lr", "gd_epochs", "gd_lr_grid", "gd_epochs_grid", "gd_max_accuracy_loss_se",
+                                   "gd_select_per_unit")),
         (ICLTaskDataModule, "data", ("n_test", "n_dev", "n_selection_sets")),
     ):
         defaults = inspect.signature(cls).parameters
@@ -194,3 +195,36 @@ def test_selection_defaults_in_code_and_shipped_config_agree():
             default = defaults[key].default
             default = list(default) if isinstance(default, tuple) else default
             assert cfg[section]["init_args"][key] == default, key
+
+
+def test_per_unit_selection_tunes_each_unit_on_its_own_demonstrations(monkeypatch):
+    from lightning_modules.probes import icl_gd
+
+    seen = []
+
+    def fake_select(base, lrs, epochs, data, zero_shot, after_gd, n_test=None, max_accuracy_loss_se=None):
+        seen.append(data)
+        return {"selected": {"lr": lrs[0], "epochs": 2}, "config": base, "grid": [], "n_dev": len(data.dev),
+                "n_selection_sets": 1, "required_dev_changed": 0.25, "fallback": False, "met": "margin",
+                "below_zero_shot": False}
+
+    monkeypatch.setattr(icl_gd, "select_gd", fake_select)
+    units = build_work_units(["sst2"], [1, 4], [0, 1], 8, order_n_demos=4, n_permutations=2,
+                             model_variants=("pretrained", "random_init"), n_dev=8, n_selection_sets=2)
+    probe = icl_gd.ICLvsGDProbe(model=None, model_config={"model_type": "llama"}, von_oswald=False)
+    probe.lm = torch.nn.Linear(1, 1)  # never called: the selection is faked
+    records = {u.uid: probe._gd_for(u)[1] for u in units}
+    # one task-level choice (N=1 units, on the selection draws) and one per (N>=4, seed) on its own demos;
+    # the random-init control and the order unit (same demonstrations as n4/s0) reuse them
+    assert len(seen) == 3 and seen[0] is units[0].selection
+    n4 = {u.seed: u for u in units if u.kind == "sweep" and u.n_demos == 4 and u.model_variant == "pretrained"}
+    for data, seed in zip(seen[1:], (0, 1), strict=True):
+        assert data.dev == units[0].selection.dev and data.demos == {4: [n4[seed].demos]}
+    assert records["sst2/n4/s0/pretrained"]["per_unit"] and not records["sst2/n1/s0/pretrained"]["per_unit"]
+    assert records["sst2/n4/s0/random_init"] is not None and "sst2/order/n4/pretrained" in records
+    probe = icl_gd.ICLvsGDProbe(model=None, model_config={"model_type": "llama"}, gd_select_per_unit=False)
+    probe.lm = torch.nn.Linear(1, 1)
+    seen.clear()
+    for u in units:
+        probe._gd_for(u)
+    assert len(seen) == 1  # once per task

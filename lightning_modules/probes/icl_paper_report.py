@@ -42,11 +42,16 @@ def summary_rows(agg: dict, variant: str = "pretrained") -> list[dict]:
         order = agg.get("order", {}).get(variant, {}).get(task, {})
         for n in sorted(by_n, key=int):
             r = by_n[n]
-            chosen = selection.get(task, {}).get("selected", {})
-            # a step size the selection rule could not qualify, or one that cost dev accuracy
-            # (icl_gd_selection, step 4), is flagged too
-            chosen_by = selection.get(task, {})
-            fallback = [f for f in ("fallback", "below_zero_shot") if chosen_by.get(f)]
+            # the step size the unit(s) ran with (per unit with gd_select_per_unit, else the task's); a
+            # step size the rule could not qualify, or one that cost dev accuracy (icl_gd_selection,
+            # step 4), is flagged too
+            if "gd_selected" in r:
+                ran = {(c["lr"], c["epochs"]) for c in r["gd_selected"]}
+                chosen = dict(zip(("lr", "epochs"), ran.pop(), strict=True)) if len(ran) == 1 else {}
+                fallback = r["gd_selection_flags"]
+            else:  # results written before per-unit selection
+                chosen = selection.get(task, {}).get("selected", {})
+                fallback = [f for f in ("fallback", "below_zero_shot") if selection.get(task, {}).get(f)]
             rows.append(
                 {
                     "task": task,

@@ -41,6 +41,10 @@ set that is disjoint from the test set (``datamodules.icl_tasks.GDSelectionData`
    ``min_changed`` or None; anything but ``margin`` is marked ``fallback``), and ``below_zero_shot``
    says that the chosen step size lost accuracy on dev; the summary table flags both.
 
+The probe may also run the rule for one unit alone, with that unit's own demonstrations as the only
+draw (``ICLvsGDProbe(gd_select_per_unit=True)``): how far GD moves depends on the demonstration set about
+as much as on the step size, so a choice made on other draws can collapse the unit it is used for.
+
 The random-init control model uses the step size chosen for the pretrained model on the same task, so
 the control differs from the measurement in its weights only (and its chance-level dev accuracy would
 make a choice of its own noise).

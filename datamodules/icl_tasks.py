@@ -244,7 +244,7 @@ class ICLTaskDataModule(L.LightningDataModule):
         tasks: list[str | dict] = ("sst2",),
         n_demos: list[int] = (1, 4),
         seeds: list[int] = (0,),
-        n_test: int = 32,
+        n_test: int = 128,
         test_seed: int = 0,
         order_n_demos: int | None = 4,
         n_permutations: int = 4,

@@ -120,7 +120,42 @@ def test_a_step_size_clearly_less_accurate_than_zero_shot_is_not_chosen():
     assert choose([towards_one_label, learns], 64, 0.306, zero_shot_accuracy=0.80) == (learns, "margin")
     off = choose([towards_one_label, learns], 64, 0.306, zero_shot_accuracy=0.80, max_accuracy_loss_se=None)
     assert off == (towards_one_label, "margin")  # without the floor the stronger update wins
-    assert choose([towards_one_label], 64, 0.306, zero_shot_accuracy=0.80)[1] is None  # nothing admissible
+
+
+
+def test_moving_comes_before_the_accuracy_floor_and_the_loss_is_reported():
+    # zero-shot 0.80 on 64 dev x 2 N (floor 0.729); nothing above the floor clears the margin
+    towards_one_label = _cand(3e-3, 0.71, 0.50)
+    costs_less = _cand(2e-3, 0.72, 0.40)
+    harmless_but_small = _cand(1e-3, 0.78, 0.22)  # clears only the bare 20%
+    still = _cand(1e-4, 0.80, 0.05)
+    grid = [towards_one_label, costs_less, harmless_but_small, still]
+    best, met = choose(grid, 64, 0.306, zero_shot_accuracy=0.80)
+    # the margin (a test unit then changes >= 20% nine times in ten) beats the floor; among the movers
+    # within one SE of the most accurate, the larger move wins, as without a floor
+    assert (best, met) == (towards_one_label, "margin") and harmful(best, 64, 0.80)
+    # a non-moving candidate is never preferred to a moving one for its accuracy
+    small_move = choose([harmless_but_small, still], 64, 0.306, zero_shot_accuracy=0.80)
+    assert small_move == (harmless_but_small, "min_changed")
+    # below the floor but moving beats above the floor at the bare 20%: the margin comes first
+    assert choose([costs_less, harmless_but_small], 64, 0.306, zero_shot_accuracy=0.80) == (costs_less, "margin")
+    # collapsed candidates stay out whatever the floor: nothing moves -> most accurate, met None
+    assert choose([_cand(5e-3, 0.5, 0.5, collapsed=True), still], 64, 0.306, zero_shot_accuracy=0.80) == (still, None)
+
+
+def test_select_gd_records_that_the_chosen_step_size_lost_dev_accuracy():
+    dev = [Example(i, {"text": str(i)}, i % 2) for i in range(8)]
+    data = GDSelectionData(dev, {4: [dev[:4]]})
+    truth = torch.tensor([e.label for e in dev])
+
+    def after_gd(cfg, demos, test):  # lr 1.0 breaks 3 of 8 right answers; lr 0.01 changes nothing
+        return truth if cfg.lr == 0.01 else torch.tensor([1 - truth[0], 1 - truth[1], 1, 1, 0, 1, 0, 1])
+
+    rec = select_gd(GDConfig(), [0.01, 1.0], [1], data, lambda d: truth, after_gd, n_test=1000)
+    assert rec["selected"]["lr"] == 1.0 and rec["met"] == "margin" and rec["below_zero_shot"]
+    rec = select_gd(GDConfig(), [0.01, 1.0], [1], data, lambda d: truth, after_gd, n_test=1000,
+                    max_accuracy_loss_se=None)
+    assert rec["selected"]["lr"] == 1.0 and not rec["below_zero_shot"]  # no floor: nothing is below it
 
 
 def test_select_gd_runs_only_the_counted_n_and_records_margin_and_floor():
@@ -137,6 +172,7 @@ def test_select_gd_runs_only_the_counted_n_and_records_margin_and_floor():
     assert rec["grid"][0]["counted_n"] == [4, 8] and list(rec["grid"][0]["dev_accuracy"]) == ["4", "8"]
     assert rec["required_dev_changed"] == required_dev_changed(32) and rec["n_test"] == 32
     assert rec["met"] == "margin" and not rec["fallback"] and not rec["grid"][0]["harmful"]
+    assert not rec["below_zero_shot"]
     assert rec["max_accuracy_loss_se"] == 2.0 and rec["dev_accuracy_zero_shot"] == 0.5
 
 
@@ -150,11 +186,45 @@ def test_selection_defaults_in_code_and_shipped_config_agree():
 
     cfg = yaml.safe_load(open("configs/probes/icl_gd.yaml"))
     for cls, section, keys in (
-        (ICLvsGDProbe, "model", ("gd_lr", "gd_epochs", "gd_lr_grid", "gd_epochs_grid", "gd_max_accuracy_loss_se")),
-        (ICLTaskDataModule, "data", ("n_dev", "n_selection_sets")),
+        (ICLvsGDProbe, "model", ("gd_lr", "gd_epochs", "gd_lr_grid", "gd_epochs_grid", "gd_max_accuracy_loss_se",
+                                   "gd_select_per_unit")),
+        (ICLTaskDataModule, "data", ("n_test", "n_dev", "n_selection_sets")),
     ):
         defaults = inspect.signature(cls).parameters
         for key in keys:
             default = defaults[key].default
             default = list(default) if isinstance(default, tuple) else default
             assert cfg[section]["init_args"][key] == default, key
+
+
+def test_per_unit_selection_tunes_each_unit_on_its_own_demonstrations(monkeypatch):
+    from lightning_modules.probes import icl_gd
+
+    seen = []
+
+    def fake_select(base, lrs, epochs, data, zero_shot, after_gd, n_test=None, max_accuracy_loss_se=None):
+        seen.append(data)
+        return {"selected": {"lr": lrs[0], "epochs": 2}, "config": base, "grid": [], "n_dev": len(data.dev),
+                "n_selection_sets": 1, "required_dev_changed": 0.25, "fallback": False, "met": "margin",
+                "below_zero_shot": False}
+
+    monkeypatch.setattr(icl_gd, "select_gd", fake_select)
+    units = build_work_units(["sst2"], [1, 4], [0, 1], 8, order_n_demos=4, n_permutations=2,
+                             model_variants=("pretrained", "random_init"), n_dev=8, n_selection_sets=2)
+    probe = icl_gd.ICLvsGDProbe(model=None, model_config={"model_type": "llama"}, von_oswald=False)
+    probe.lm = torch.nn.Linear(1, 1)  # never called: the selection is faked
+    records = {u.uid: probe._gd_for(u)[1] for u in units}
+    # one task-level choice (N=1 units, on the selection draws) and one per (N>=4, seed) on its own demos;
+    # the random-init control and the order unit (same demonstrations as n4/s0) reuse them
+    assert len(seen) == 3 and seen[0] is units[0].selection
+    n4 = {u.seed: u for u in units if u.kind == "sweep" and u.n_demos == 4 and u.model_variant == "pretrained"}
+    for data, seed in zip(seen[1:], (0, 1), strict=True):
+        assert data.dev == units[0].selection.dev and data.demos == {4: [n4[seed].demos]}
+    assert records["sst2/n4/s0/pretrained"]["per_unit"] and not records["sst2/n1/s0/pretrained"]["per_unit"]
+    assert records["sst2/n4/s0/random_init"] is not None and "sst2/order/n4/pretrained" in records
+    probe = icl_gd.ICLvsGDProbe(model=None, model_config={"model_type": "llama"}, gd_select_per_unit=False)
+    probe.lm = torch.nn.Linear(1, 1)
+    seen.clear()
+    for u in units:
+        probe._gd_for(u)
+    assert len(seen) == 1  # once per task

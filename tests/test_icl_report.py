@@ -45,7 +45,19 @@ def test_n0_is_kept_in_units_but_not_aggregated(tmp_path):
     table = icl_paper_report.format_table(rows)
     assert "GD~ZS" in table and "unchanged" in table and len(table.splitlines()) == 4
     assert rows[0]["epochs"] == 2 and rows[0]["flags"] == "-"
-    agg["gd_selection"]["pretrained"]["sst2"]["fallback"] = True  # the rule could not qualify a step size
-    assert [r["flags"] for r in icl_paper_report.summary_rows(agg)] == ["fallback", "unchanged,fallback"]
+    units[1]["gd_selection"]["fallback"] = True  # the rule could not qualify a step size for N=4
+    # N=8 chose on its own demonstrations (gd_select_per_unit), a step size that lost dev accuracy
+    units[2]["gd_selection"] = {"selected": {"lr": 1e-3, "epochs": 2}, "per_unit": True, "below_zero_shot": True}
+    agg = icl_report.aggregate(units)
+    rows = icl_paper_report.summary_rows(agg)
+    assert [r["flags"] for r in rows] == ["fallback", "unchanged,below_zero_shot"]
+    assert [r["lr"] for r in rows] == [3e-4, 1e-3]  # each row shows the step size its units ran with
+    assert list(agg["gd_selection_per_unit"]["pretrained"]["sst2"]) == ["n8/s0"]
+    # results written before per-unit selection: the task's record supplies lr and flags
+    for row in agg["sweep"]["pretrained"]["sst2"].values():
+        del row["gd_selected"], row["gd_selection_flags"]
+    agg["gd_selection"]["pretrained"]["sst2"]["below_zero_shot"] = True
+    legacy = icl_paper_report.summary_rows(agg)
+    assert [r["flags"] for r in legacy] == ["below_zero_shot", "unchanged,below_zero_shot"] and legacy[1]["lr"] == 3e-4
     assert icl_paper_report.plot_summary(rows, tmp_path / "s.png").stat().st_size > 0
     assert icl_report.plot_sweep(agg, tmp_path / "sweep.png") is not None

@@ -2,9 +2,10 @@
 
 Per task and N (pretrained model, N > 0): ICL and GD accuracy, ICL-vs-GD top-1 agreement, GD-vs-zero-shot
 agreement (how far GD moved the model), the chosen GD step size, the GD flags (and `fallback` where the
-selection rule could not qualify one), and the order experiment's pairwise disagreement
-for ICL and full-batch GD. ``python -m lightning_modules.probes.icl_paper_report <icl_gd_results.json>``
-prints the table and writes the PNG beside the results, so an existing run can be summarised again.
+selection rule could not qualify one, `below_zero_shot` where the chosen one lost dev accuracy), and the
+order experiment's pairwise disagreement for ICL and full-batch GD.
+``python -m lightning_modules.probes.icl_paper_report <icl_gd_results.json>`` prints the table and writes
+the PNG beside the results, so an existing run can be summarised again.
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def summary_rows(agg: dict, variant: str = "pretrained") -> list[dict]:
         order = agg.get("order", {}).get(variant, {}).get(task, {})
         for n in sorted(by_n, key=int):
             r = by_n[n]
-            chosen = selection.get(task, {}).get("selected", {})
-            # a step size the selection rule could not qualify (icl_gd_selection, step 4) is flagged too
-            fallback = ["fallback"] if selection.get(task, {}).get("fallback") else []
+            # the step size the unit(s) ran with (per unit with gd_select_per_unit, else the task's); a
+            # step size the rule could not qualify, or one that cost dev accuracy (icl_gd_selection,
+            # step 4), is flagged too
+            if "gd_selected" in r:
+                ran = {(c["lr"], c["epochs"]) for c in r["gd_selected"]}
+                chosen = dict(zip(("lr", "epochs"), ran.pop(), strict=True)) if len(ran) == 1 else {}
+                fallback = r["gd_selection_flags"]
+            else:  # results written before per-unit selection
+                chosen = selection.get(task, {}).get("selected", {})
+                fallback = [f for f in ("fallback", "below_zero_shot") if selection.get(task, {}).get(f)]
             rows.append(
                 {
                     "task": task,

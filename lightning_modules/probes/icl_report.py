@@ -60,10 +60,18 @@ def aggregate(units: list[dict]) -> dict:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for u in units:
         if u["kind"] == "sweep" and u["n_demos"] > 0:
-            groups[(u["model_variant"], u["task"], u["n_demos"])].append(u["metrics"])
+            groups[(u["model_variant"], u["task"], u["n_demos"])].append(u)
     sweep: dict = {}
-    for (variant, task, n), ms in sorted(groups.items()):
-        row = {"n_seeds": len(ms), "gd_flags": sorted({f for m in ms for f in m.get("gd_flags", [])})}
+    for (variant, task, n), us in sorted(groups.items()):
+        ms = [u["metrics"] for u in us]
+        chosen = [u["gd_selection"] for u in us if u.get("gd_selection")]
+        row = {
+            "n_seeds": len(ms),
+            "gd_flags": sorted({f for m in ms for f in m.get("gd_flags", [])}),
+            # the step size each seed's GD ran with, and whether its choice fell back or cost dev accuracy
+            "gd_selected": [c["selected"] for c in chosen],
+            "gd_selection_flags": sorted({f for c in chosen for f in ("fallback", "below_zero_shot") if c.get(f)}),
+        }
         for name, get in SCALARS.items():
             vals = [get(m) for m in ms]
             row[name] = _mean(vals)
@@ -78,15 +86,26 @@ def aggregate(units: list[dict]) -> dict:
                 **u["metrics"],
             }
     selection: dict = {}
+    per_unit: dict = {}
     for u in units:
-        if u.get("gd_selection"):
-            selection.setdefault(u["model_variant"], {}).setdefault(u["task"], u["gd_selection"])
+        rec = u.get("gd_selection")
+        if rec and rec.get("per_unit"):  # chosen on this unit's own demonstrations (gd_select_per_unit)
+            key = f"n{u['n_demos']}/s{u['seed']}"
+            per_unit.setdefault(u["model_variant"], {}).setdefault(u["task"], {}).setdefault(key, rec)
+        elif rec:
+            selection.setdefault(u["model_variant"], {}).setdefault(u["task"], rec)
     # Which GD each model variant got ("GD (QLoRA r=16, 4-bit base)", "GD (full)", ...): one per variant.
     variants: dict = {}
     for u in units:
         if u.get("gd_variant"):
             variants.setdefault(u["model_variant"], u["gd_variant"])
-    return {"sweep": sweep, "order": order, "gd_selection": selection, "gd_variant": variants}
+    return {
+        "sweep": sweep,
+        "order": order,
+        "gd_selection": selection,
+        "gd_selection_per_unit": per_unit,
+        "gd_variant": variants,
+    }
 
 
 def plot_sweep(agg: dict, path: Path) -> Path | None:

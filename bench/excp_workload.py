@@ -133,12 +133,9 @@ def quick_workload() -> Workload:
 
 
 FULL_SHRINK = (
-    "30 steps with a checkpoint every 5 (the issue asks 100 steps, a checkpoint every 10), so 5 lossy resumes"
-    " per seed; 1 x 64 tokens per step, 2 validation batches; ablations, the Adam betas (0.9, 0.999) runs, "
+    "1 x 64 tokens per step, 8 validation batches of 64 tokens; ablations, the Adam betas (0.9, 0.999) runs, "
     "lossless keyframe moments and the per-checkpoint lossless baselines on the quick workload only; "
-    "keyframe-interval trade-off estimated from measured parts (one keyframe, the run's deltas). Measured on "
-    "2 shared cores: one SmolLM2 step of 2 x 64 tokens ~10 s (60-100 s while other jobs ran), one encode of a"
-    " 1.6 GB checkpoint ~20 s, one decode ~12 s, so 3 seeds x 2 runs x 100 steps would take hours"
+    "keyframe-interval trade-off estimated from measured parts (one keyframe, the run's deltas)"
 )
 
 
@@ -161,11 +158,11 @@ def full_workload() -> Workload:
         va,
         block=64,
         batch=1,
-        interval=5,
-        checkpoints=6,
+        interval=10,  # the issue's workload: 100 steps, a checkpoint every 10 (9 lossy resumes per seed)
+        checkpoints=10,
         lr=1e-4,  # the quickstart's: 3e-4 on 64-token batches made the pretrained model's loss rise for 10-15 steps
-        warmup=3,
-        val_batches=2,
+        warmup=10,
+        val_batches=8,  # 512 tokens: 2 batches (128 tokens) made single-seed losses noisy
         from_pretrained=True,
         shrunk=FULL_SHRINK,
     )

@@ -275,3 +275,31 @@ def test_tied_weights_stay_tied(tmp_path):
     got = load_checkpoint(tmp_path / "t.ckpt")
     assert got["state_dict"]["a"] is got["state_dict"]["b"]
     assert len(e.header["aliases"]) == 1
+
+
+def test_weight_rule_bias_corrects_v_with_adams_own_step():
+    """mean(v) / (1 - beta2**step) sets the weight factor (raw v early in a run prunes most of the update)."""
+    from callbacks.excp.split import second_moment_bias, split_checkpoint
+
+    net = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        net(torch.randn(4, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    ckpt = {"state_dict": dict(net.named_parameters()), "optimizer_states": [opt.state_dict()]}
+    split = split_checkpoint(ckpt, None, [["weight", "bias"]])
+    assert [e.second_moment_bias for e in split.entries] == pytest.approx([1 - 0.95**3] * 2)
+    sgd = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+    assert second_moment_bias({"momentum_buffer": torch.zeros(1)}, sgd.param_groups[0]) == 1.0
+    assert second_moment_bias({"step": torch.tensor(3.0)}, {"lr": 1.0}) == 1.0  # no betas: no correction
+    assert second_moment_bias({"step": 0}, {"betas": (0.9, 0.95)}) == 1.0
+
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    ref, dw, m = torch.zeros(n), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    v = torch.full((n,), 4e-8)  # raw factor alpha/sqrt(mean v) = 0.25; bias 0.25 -> sqrt(0.25) * 0.25 = 0.125
+    for settings, factor in ((ExCPSettings(bits_w=8), 0.125), (ExCPSettings(bits_w=8, v_bias_correction=False), 0.25)):
+        code = encode_param_delta(dw, ref, m, v, settings, g, v_bias=0.25)
+        w2, _, _ = decode_code(code, (n,), torch.float32, ref)
+        assert torch.equal(w2 != 0, dw.abs() > dw.abs().median() * factor)

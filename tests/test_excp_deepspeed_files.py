@@ -280,3 +280,18 @@ def test_cli_imports_deepspeed_only_for_files_that_hold_its_types(tmp_path, monk
     assert done.returncode == 0, done.stderr[-2000:]
     restored = torch.load(tmp_path / "out" / "last.ckpt" / "checkpoint" / OPTIM, weights_only=False)
     assert restored["optimizer_state_dict"]["loss_scaler"].cur_scale == 4.0
+
+
+def test_zero_partitions_carry_adams_step_and_betas_for_the_weight_rule():
+    from callbacks.excp.deepspeed_files import _wrap
+    from callbacks.excp.split import split_checkpoint
+
+    optim = _engine_files(4, torch.Generator().manual_seed(1))[OPTIM]
+    for group in optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]:
+        group["betas"] = (0.9, 0.95)
+    wrapped, names = _wrap(optim, 4, 0)
+    entries = split_checkpoint(wrapped, None, names).entries
+    assert [e.second_moment_bias for e in entries] == pytest.approx([1 - 0.95**4] * 2)
+    optim["optimizer_state_dict"]["base_optimizer_state"]["param_groups"][1]["betas"] = (0.9, 0.999)
+    wrapped, names = _wrap(optim, 4, 0)  # groups that disagree: no correction rather than a wrong one
+    assert [e.second_moment_bias for e in split_checkpoint(wrapped, None, names).entries] == [1.0, 1.0]

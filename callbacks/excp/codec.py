@@ -4,7 +4,8 @@ For one parameter tensor W with optional Adam moments m (``exp_avg``) and v (``e
 delta coder follows the method's notes exactly:
 
 1. residual against the *reconstructed* previous weights: ``dW = W_t - W^_{t-1}`` (closed loop);
-2. weight mask: ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))`` (the method), or, with
+2. weight mask: ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))`` (the method; ``v`` bias-corrected
+   as Adam's own step is, ``v / (1 - beta2**step)``, unless ``v_bias_correction`` is off), or, with
    ``target_bits_per_param``, the ``|dW|`` threshold whose coded W, m, v fit that budget
    (:mod:`callbacks.excp.rate`);
 3. momentum mask: ``|m| > beta * mean(|m|)`` AND the weight mask; v uses m's mask;
@@ -79,6 +80,12 @@ class ExCPSettings:
         v_log_domain: cluster v in the log domain (v spans decades; linear k-means crushes small v).
         v_floor: pruned v entries decode to the mean of the pruned entries (one float per tensor in
             the header) instead of zero, which keeps Adam's step sizes after a resume.
+        v_bias_correction: the weight rule's ``mean(v)`` is divided by ``1 - beta2**step`` (Adam's own
+            correction, read from the optimizer state; no-op where it records no step/betas). The paper
+            uses raw ``v``, which early in a run is a fraction of the gradient's second moment, so the
+            factor sits at ``cap`` and the first delta loses most of its update: SmolLM2 continued
+            pretraining, 5 steps, betas (0.9, 0.95): the first delta's reconstruction lost 43% of the 5
+            steps' loss gain with raw v (97.8x) and 10% with corrected v (35.5x); later deltas barely change.
         kmeans_sample: fit each codebook on at most this many values.
         kmeans_iters: maximum Lloyd iterations.
         zstd_level: zstd level of the quantized index streams.
@@ -107,6 +114,7 @@ class ExCPSettings:
     quantizer: str = "kmeans"
     v_log_domain: bool = True
     v_floor: bool = True
+    v_bias_correction: bool = True
     kmeans_sample: int = 65536
     kmeans_iters: int = 25
     zstd_level: int = 3
@@ -200,10 +208,12 @@ def _quantize(
     return cb, codes.to(torch.uint8).numpy()
 
 
-def _weight_factor(v: torch.Tensor | None, s: ExCPSettings) -> float:
+def _weight_factor(v: torch.Tensor | None, s: ExCPSettings, v_bias: float = 1.0) -> float:
     if v is None or v.numel() == 0:
         return s.no_v_factor
     mean_v = float(v.mean(dtype=torch.float64))
+    if s.v_bias_correction and 0 < v_bias < 1:
+        mean_v /= v_bias
     if not mean_v > 0 or not math.isfinite(mean_v):
         return s.cap
     return min(s.cap, s.weight_alpha / math.sqrt(mean_v))
@@ -233,6 +243,7 @@ def encode_param_delta(
     v: torch.Tensor | None,
     s: ExCPSettings,
     generator: torch.Generator,
+    v_bias: float = 1.0,
 ) -> ParamCode:
     """Code one parameter against its reconstructed reference with weight-momentum joint shrinking.
 
@@ -245,6 +256,7 @@ def encode_param_delta(
         v: second moment (``exp_avg_sq``) or None.
         s: codec settings (``alpha`` or ``target_bits_per_param`` sets the weight mask).
         generator: RNG for the k-means samples.
+        v_bias: Adam's ``1 - beta2**step`` for ``v`` (1.0: unknown or not Adam), see ``v_bias_correction``.
     """
     w = w.detach().cpu().contiguous()
     n = w.numel()
@@ -262,7 +274,8 @@ def encode_param_delta(
         if s.target_bits_per_param is not None:
             codes = _fit_budget(dw, m, v, s, generator)
         else:
-            wmask = dw.abs() > dw.abs().median() * _weight_factor(v, s) if n else torch.zeros(0, dtype=torch.bool)
+            factor = _weight_factor(v, s, v_bias)
+            wmask = dw.abs() > dw.abs().median() * factor if n else torch.zeros(0, dtype=torch.bool)
             codes = _quantize_streams(dw, wmask, m, v, s, generator)
         assert codes.cb_w is not None and codes.idx_w is not None
         w_blob = _blobs(codes, s)["w"]

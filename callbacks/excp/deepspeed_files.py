@@ -86,7 +86,7 @@ def has_excp_files(folder: Path) -> bool:
     return folder.is_dir() and any(is_excp_file(p) for p in engine_files(folder))
 
 
-def _get_or_none(obj: Any, path: tuple[str, ...]) -> Any:
+def _get_or_none(obj: Any, path: tuple[str | int, ...]) -> Any:
     for key in path:
         if not isinstance(obj, dict) or key not in obj:
             return None
@@ -126,9 +126,10 @@ def _wrap(obj: dict[str, Any], step: int | None, epoch: int | None) -> tuple[dic
     names = list(weights)
     taken = {tuple(p) for p in leaves.values()} | {tuple(p) for pair in moments.values() for p in pair}
     optimizer = {
-        "state": {i: {"exp_avg": get_at(obj, moments[n][0]), "exp_avg_sq": get_at(obj, moments[n][1])}
+        "state": {i: {"exp_avg": get_at(obj, moments[n][0]), "exp_avg_sq": get_at(obj, moments[n][1]),
+                      "step": _adam_step(obj, moments[n][1])}
                   for i, n in enumerate(names) if n in moments},
-        "param_groups": [{"params": list(range(len(names)))}],
+        "param_groups": [{"params": list(range(len(names))), "betas": _shared_betas(obj)}],
     }
     wrapped = {
         "state_dict": weights,
@@ -140,6 +141,23 @@ def _wrap(obj: dict[str, Any], step: int | None, epoch: int | None) -> tuple[dic
         "deepspeed_moments": moments,
     }
     return wrapped, [[n if n in moments else None for n in names]]
+
+
+def _adam_step(obj: dict[str, Any], v_path: list[str | int]) -> Any:
+    """The Adam step count kept beside a partition's ``exp_avg_sq`` (None where there is none)."""
+    slot = _get_or_none(obj, tuple(v_path[:-1]))
+    return slot.get("step") if isinstance(slot, dict) else None
+
+
+def _shared_betas(obj: dict[str, Any]) -> Any:
+    """The ZeRO optimizer's Adam betas when all its groups share them (None otherwise), so the weight rule
+    can bias-correct v as for a Lightning checkpoint (``ExCPSettings.v_bias_correction``)."""
+    for _, state_path in _PARTITION_LAYOUTS:
+        groups = _get_or_none(obj, (*state_path[:-1], "param_groups"))
+        if isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups):
+            betas = {tuple(g.get("betas") or ()) for g in groups}
+            return list(betas.pop()) if len(betas) == 1 else None
+    return None
 
 
 def _unwrap(wrapped: dict[str, Any]) -> dict[str, Any]:

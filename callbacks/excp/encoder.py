@@ -257,7 +257,9 @@ class ExCPEncoder:
                 return encode_param_delta(entry.weight, None, *moments, replace(s, beta=0.0), generator)
             if keyframe:
                 return encode_param_keyframe(entry.weight, *moments, s)
-            return encode_param_delta(entry.weight, reference(entry), *moments, s, generator)
+            return encode_param_delta(
+                entry.weight, reference(entry), *moments, s, generator, v_bias=entry.second_moment_bias
+            )
 
         def code_all(positions: list[int], s: ExCPSettings) -> list[ParamCode]:
             if s.threads > 1 and len(positions) > 1:

@@ -17,6 +17,7 @@ No Lightning is imported here.
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class ParamEntry:
     second_moment: torch.Tensor | None = None
     first_moment_path: KeyPath | None = None
     second_moment_path: KeyPath | None = None
+    second_moment_bias: float = 1.0
+    """Adam's ``1 - beta2**step`` for this parameter (1.0 where the optimizer records no step or betas):
+    what ``exp_avg_sq`` underestimates the gradient's second moment by early in a run."""
 
 
 @dataclass
@@ -92,6 +96,23 @@ def _moment_keys(state: dict[str, Any], shape: torch.Size) -> tuple[KeyPath | No
     if codable(quant, "state1"):
         return (QUANT_STATE_KEY, "state1"), None
     return None, None
+
+
+def second_moment_bias(slot_state: Any, group: Any) -> float:
+    """``1 - beta2**step`` from a parameter's optimizer state and its group (1.0 when either is absent).
+
+    torch's Adam/AdamW, bitsandbytes' and DeepSpeed's keep ``step`` per parameter and ``betas`` per group.
+    """
+    step = slot_state.get("step") if isinstance(slot_state, dict) else None
+    betas = group.get("betas") if isinstance(group, dict) else None
+    try:
+        step = float(step.item() if isinstance(step, torch.Tensor) else step)
+        beta2 = float(betas[1])  # type: ignore[index]
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return 1.0
+    if not (step >= 1 and math.isfinite(step) and 0 <= beta2 < 1):
+        return 1.0
+    return 1.0 - beta2**step
 
 
 def _state_shape(state: dict[str, Any]) -> torch.Size | None:
@@ -192,19 +213,19 @@ def _moment_paths(
     ckpt: dict[str, Any],
     state_dict: dict[str, Any],
     optimizer_param_names: Sequence[Sequence[str | None] | None] | None,
-) -> dict[str, tuple[KeyPath, KeyPath | None]]:
-    """Parameter name -> (path of m, path of v); the first optimizer that holds a parameter wins."""
+) -> dict[str, tuple[KeyPath, KeyPath | None, float]]:
+    """Parameter name -> (path of m, path of v, v's bias); the first optimizer that holds a parameter wins."""
     optimizers = ckpt.get("optimizer_states")
     optimizers = optimizers if isinstance(optimizers, list) else []
-    paths: dict[str, tuple[KeyPath, KeyPath | None]] = {}
+    paths: dict[str, tuple[KeyPath, KeyPath | None, float]] = {}
     for i, optimizer in enumerate(optimizers):
         if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
             continue
         names = optimizer_param_names[i] if optimizer_param_names and i < len(optimizer_param_names) else None
         if names is None:
             names = infer_optimizer_param_names(state_dict, optimizer)
-        slots = [slot for group in optimizer.get("param_groups", []) for slot in group.get("params", [])]
-        for position, slot in enumerate(slots):
+        slots = [(slot, group) for group in optimizer.get("param_groups", []) for slot in group.get("params", [])]
+        for position, (slot, group) in enumerate(slots):
             name = names[position] if position < len(names) else None
             slot_state = optimizer["state"].get(slot)
             if name is None or name in paths or not isinstance(slot_state, dict) or name not in state_dict:
@@ -212,7 +233,8 @@ def _moment_paths(
             first_key, second_key = _moment_keys(slot_state, state_dict[name].shape)
             if first_key is not None:
                 base: KeyPath = ("optimizer_states", i, "state", slot)
-                paths[name] = (base + first_key, None if second_key is None else base + second_key)
+                second = None if second_key is None else base + second_key
+                paths[name] = (base + first_key, second, second_moment_bias(slot_state, group))
     return paths
 
 
@@ -252,7 +274,7 @@ def split_checkpoint(
         first_name_of_storage[storage_key] = name
         entry = ParamEntry(name, tensor)
         if name in moment_paths:
-            first_path, second_path = moment_paths[name]
+            first_path, second_path, entry.second_moment_bias = moment_paths[name]
             entry.first_moment_path, entry.second_moment_path = first_path, second_path
             entry.first_moment = get_at(ckpt, first_path)
             taken.add(first_path)

@@ -165,6 +165,22 @@ def _lossless_keyframe_moments(
     return {"overall_ratio": storage["overall_ratio"], **{k: quality[k] for k in keys}}
 
 
+def _recompute_tradeoff(path: Path) -> None:
+    """Rewrite a full record's keyframe-interval estimate from the files and keyframe it measured."""
+    import json
+    from datetime import UTC, datetime
+
+    result = json.loads(path.read_text())
+    if result.get("mode") != "full":
+        raise SystemExit(f"{path}: --recompute-tradeoff needs a full-mode record (its keyframe is measured there)")
+    storage = result["storage"]
+    raw = storage["raw_wmv_fp32_bytes_all_checkpoints"] / storage["files"]
+    tradeoff = keyframe_tradeoff_estimate(storage["per_file"], result["keyframes"]["lossy"], INTERVALS, raw)
+    tradeoff["recomputed"] = f"from this record's measured parts on {datetime.now(UTC):%Y-%m-%d}, no training"
+    result["keyframe_interval_tradeoff"] = tradeoff
+    atomic_write_json(path, result)
+
+
 def _report_targets(result: dict[str, Any]) -> dict[str, Any]:
     """Each target beside its figure, met or missed."""
     out = {}
@@ -191,8 +207,17 @@ def main() -> None:
         help="quick mode: also run every seed's lossy resumes with lossless keyframe moments (~+30%% time)",
     )
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/excp[_smollm2].json)")
+    ap.add_argument(
+        "--recompute-tradeoff",
+        action="store_true",
+        help="full mode: recompose the keyframe-interval estimate of an existing record from its measured "
+        "parts (no training), e.g. after a fix to that estimate",
+    )
     args = ap.parse_args()
     out = args.out or ROOT / "bench" / "results" / ("excp.json" if args.quick else "excp_smollm2.json")
+    if args.recompute_tradeoff:
+        _recompute_tradeoff(out)
+        return
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
     load_at_start = os.getloadavg()[0]  # speeds are only comparable at similar machine load

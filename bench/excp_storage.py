@@ -125,33 +125,47 @@ def keyframe_tradeoff(
 
 
 def keyframe_tradeoff_estimate(
-    deltas: list[dict[str, Any]], keyframe: dict[str, float], intervals: list[int], raw_per_ckpt: float
+    files: list[dict[str, Any]], keyframe: dict[str, float], intervals: list[int], raw_per_ckpt: float
 ) -> dict[str, Any]:
     """The trade-off composed from measured parts: a keyframe's bytes and decode seconds (measured once)
     and each delta file's of a chain from the pretrained weights. File ``i`` (0-based) becomes a
-    keyframe when ``(i + 1) % interval == 0`` (the pretrained reference counts as the chain's start)."""
+    keyframe when ``(i + 1) % interval == 0`` (the pretrained reference counts as the chain's start).
+
+    ``files`` are the run's ``per_file`` rows; one the run wrote as a keyframe has no delta size of its
+    own, so where an interval makes it a delta it is costed at the median of the run's deltas (listed
+    in the row's ``deltas_at_median``).
+    """
+    measured = [f for f in files if f["kind"] == "delta"]
+    median_delta = {
+        key: statistics.median(f[key] for f in measured) if measured else float("nan") for key in ("bytes", "decode_s")
+    }
     rows = []
     for interval in intervals:
-        kinds = ["keyframe" if (i + 1) % interval == 0 else "delta" for i in range(len(deltas))]
-        sizes = [keyframe["bytes"] if k == "keyframe" else d["bytes"] for k, d in zip(kinds, deltas, strict=True)]
+        kinds = ["keyframe" if (i + 1) % interval == 0 else "delta" for i in range(len(files))]
+        as_delta = [f if f["kind"] == "delta" else median_delta for f in files]
+        at_median = [f["step"] for k, f in zip(kinds, files, strict=True) if k == "delta" and f["kind"] != "delta"]
+        sizes = [keyframe["bytes"] if k == "keyframe" else d["bytes"] for k, d in zip(kinds, as_delta, strict=True)]
         last_key = max((i for i, k in enumerate(kinds) if k == "keyframe"), default=-1)
-        load_s = (keyframe["decode_s"] if last_key >= 0 else 0.0) + sum(d["decode_s"] for d in deltas[last_key + 1 :])
+        load_s = (keyframe["decode_s"] if last_key >= 0 else 0.0) + sum(d["decode_s"] for d in as_delta[last_key + 1 :])
         rows.append(
             {
                 "keyframe_interval": interval,
                 "keyframes": kinds.count("keyframe"),
                 "total_bytes": sum(sizes),
-                "overall_ratio": raw_per_ckpt * len(deltas) / sum(sizes),
+                "overall_ratio": raw_per_ckpt * len(files) / sum(sizes),
                 "load_last_s": load_s,
+                "deltas_at_median": at_median,
             }
         )
         print(
             f"keyframe interval {interval:5d} (estimate): {rows[-1]['keyframes']} keyframes, "
             f"{sum(sizes) / MB:9.1f} MB ({rows[-1]['overall_ratio']:.1f}x), load the last in {load_s:.1f} s"
+            + (f" (steps {at_median} costed at the median delta)" if at_median else "")
         )
     return {
         "measured": "estimated from measured parts: one keyframe's bytes and decode time (the run's last "
-        "checkpoint), each delta's bytes and decode time from the run's chain",
+        "checkpoint), each delta's bytes and decode time from the run's chain (a file the run wrote as a "
+        "keyframe, where the interval makes it a delta: the median delta's)",
         "keyframe": keyframe,
         "rows": rows,
     }

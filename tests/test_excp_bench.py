@@ -60,7 +60,7 @@ def test_seed_spread_and_mean_absolute_delta():
 
 
 def test_keyframe_tradeoff_estimate_places_keyframes_and_replays_from_the_last():
-    deltas = [{"bytes": 10, "decode_s": 1.0}] * 4
+    deltas = [{"step": s, "kind": "delta", "bytes": 10, "decode_s": 1.0} for s in (1, 2, 3, 4)]
     rows = keyframe_tradeoff_estimate(deltas, {"bytes": 100, "decode_s": 5.0}, [2, 1000], raw_per_ckpt=400)["rows"]
     assert rows[0] == {
         "keyframe_interval": 2,
@@ -68,8 +68,18 @@ def test_keyframe_tradeoff_estimate_places_keyframes_and_replays_from_the_last()
         "total_bytes": 220,
         "overall_ratio": 1600 / 220,
         "load_last_s": 5.0,
+        "deltas_at_median": [],
     }
     assert rows[1]["keyframes"] == 0 and rows[1]["total_bytes"] == 40 and rows[1]["load_last_s"] == 4.0
+
+
+def test_a_file_the_run_wrote_as_a_keyframe_is_costed_as_the_median_delta_where_an_interval_makes_it_one():
+    files = [{"step": s, "kind": "delta", "bytes": b, "decode_s": 1.0} for s, b in ((1, 10), (2, 12), (3, 30))]
+    files.append({"step": 4, "kind": "keyframe", "bytes": 100, "decode_s": 5.0})
+    rows = keyframe_tradeoff_estimate(files, {"bytes": 100, "decode_s": 5.0}, [4, 1000], raw_per_ckpt=400)["rows"]
+    assert rows[0]["total_bytes"] == 152 and rows[0]["deltas_at_median"] == []
+    assert rows[1]["total_bytes"] == 10 + 12 + 30 + 12 and rows[1]["deltas_at_median"] == [4]
+    assert rows[1]["load_last_s"] == 4.0
 
 
 def test_keyframe_tradeoff_encodes_each_interval(workload, tmp_path):

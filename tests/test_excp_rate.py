@@ -70,7 +70,7 @@ def _delta_bits(settings: ExCPSettings, series, names, folder: Path) -> tuple[li
 
 @pytest.fixture(scope="module")
 def workloads():
-    return {scale: _series(scale) for scale in (1.0, 100.0)}
+    return {scale: _series(scale) for scale in (0.01, 1.0, 100.0)}
 
 
 @pytest.mark.parametrize("target", [2.0, 0.75])
@@ -86,10 +86,11 @@ def test_budget_is_met_whatever_the_gradient_scale_and_alpha_is_not(workloads, t
         # decoding reproduces the encoder's reconstruction bit for bit
         for (_, ckpt), recon in zip(decode_sequence(paths), recons, strict=True):
             assert all(torch.equal(ckpt["state_dict"][k], t) for k, t in recon.items())
-    # alpha: the same weights trajectory costs far more bits when gradients are 100x larger
-    # (measured: 1.7 and 4.2 bits/param at scale 1, 5.9 and 5.9 at scale 100)
+    # alpha: the same weights trajectory costs far more bits when gradients are larger (at scale 1 this
+    # early run, 8-12 steps at beta2 0.999, already keeps nearly every residual once v is bias-corrected;
+    # measured: 0.14 and 0.21 bits/param at scale 0.01, 5.9 and 5.9 at scales 1 and 100)
     mean = {scale: sum(b) / len(b) for scale, b in by_alpha.items()}
-    assert mean[100.0] > 1.5 * mean[1.0], by_alpha
+    assert mean[100.0] > 1.5 * mean[0.01], by_alpha
 
 
 def test_a_delta_budget_pays_for_small_tensors_first(workloads, tmp_path):

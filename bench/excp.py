@@ -138,15 +138,22 @@ def _full_extras(
         mode: measure_keyframe(last, replace(default, keyframe_moments=mode), names, tmp / f"keyframe-{mode}")
         for mode in ("lossy", "lossless")
     }
-    raw = storage["raw_wmv_fp32_bytes_all_checkpoints"] / storage["files"]
     for mode, k in keyframes.items():
-        k["ratio"] = raw / k["bytes"]
+        k["ratio"] = _raw_per_checkpoint(storage) / k["bytes"]
         print(
             f"keyframe with {mode} moments: {k['bytes'] / 2**20:.0f} MB ({k['ratio']:.2f}x), "
             f"encode {k['encode_s']:.1f} s, decode {k['decode_s']:.1f} s"
         )
-    tradeoff = keyframe_tradeoff_estimate(storage["per_file"], keyframes["lossy"], INTERVALS, raw)
-    return {"keyframe_interval_tradeoff": tradeoff, "keyframes": keyframes}
+    return {"keyframe_interval_tradeoff": _tradeoff_estimate(storage, keyframes["lossy"]), "keyframes": keyframes}
+
+
+def _raw_per_checkpoint(storage: dict[str, Any]) -> float:
+    return storage["raw_wmv_fp32_bytes_all_checkpoints"] / storage["files"]
+
+
+def _tradeoff_estimate(storage: dict[str, Any], keyframe: dict[str, float]) -> dict[str, Any]:
+    """The keyframe-interval trade-off of a full run, from its files and one measured keyframe."""
+    return keyframe_tradeoff_estimate(storage["per_file"], keyframe, INTERVALS, _raw_per_checkpoint(storage))
 
 
 def _lossless_keyframe_moments(
@@ -170,12 +177,14 @@ def _recompute_tradeoff(path: Path) -> None:
     import json
     from datetime import UTC, datetime
 
-    result = json.loads(path.read_text())
-    if result.get("mode") != "full":
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        message = f"{path}: cannot read the record to recompute ({err}); run `python bench/excp.py` first"
+        raise SystemExit(message) from None
+    if not isinstance(result, dict) or result.get("mode") != "full":
         raise SystemExit(f"{path}: --recompute-tradeoff needs a full-mode record (its keyframe is measured there)")
-    storage = result["storage"]
-    raw = storage["raw_wmv_fp32_bytes_all_checkpoints"] / storage["files"]
-    tradeoff = keyframe_tradeoff_estimate(storage["per_file"], result["keyframes"]["lossy"], INTERVALS, raw)
+    tradeoff = _tradeoff_estimate(result["storage"], result["keyframes"]["lossy"])
     tradeoff["recomputed"] = f"from this record's measured parts on {datetime.now(UTC):%Y-%m-%d}, no training"
     result["keyframe_interval_tradeoff"] = tradeoff
     atomic_write_json(path, result)

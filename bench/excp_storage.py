@@ -139,10 +139,10 @@ def keyframe_tradeoff_estimate(
     median_delta = {
         key: statistics.median(f[key] for f in measured) if measured else float("nan") for key in ("bytes", "decode_s")
     }
+    as_delta = [f if f["kind"] == "delta" else median_delta for f in files]
     rows = []
     for interval in intervals:
         kinds = ["keyframe" if (i + 1) % interval == 0 else "delta" for i in range(len(files))]
-        as_delta = [f if f["kind"] == "delta" else median_delta for f in files]
         at_median = [f["step"] for k, f in zip(kinds, files, strict=True) if k == "delta" and f["kind"] != "delta"]
         sizes = [keyframe["bytes"] if k == "keyframe" else d["bytes"] for k, d in zip(kinds, as_delta, strict=True)]
         last_key = max((i for i, k in enumerate(kinds) if k == "keyframe"), default=-1)

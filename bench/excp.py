@@ -57,7 +57,7 @@ from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 
 THREADS = 2
-INTERVALS = [1, 2, 5, 10, 1000]
+INTERVALS = [1, 2, 5, 10, 20, 50, 1000]
 ZSTD_ONLY = "zstd layouts only (before rANS)"
 ZSTD_ONLY_SPARSE = "alpha 5e-3, zstd layouts only"
 DEFAULT = "excp 4-bit (method)"

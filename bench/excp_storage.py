@@ -134,6 +134,10 @@ def keyframe_tradeoff_estimate(
     ``files`` are the run's ``per_file`` rows; one the run wrote as a keyframe has no delta size of its
     own, so where an interval makes it a delta it is costed at the median of the run's deltas (listed
     in the row's ``deltas_at_median``).
+
+    Each row also projects a run much longer than the interval (every chain segment a keyframe and
+    ``interval - 1`` median deltas): ``long_run_ratio`` and ``load_worst_s``, the time to load a
+    segment's last file, which is what a resume after a crash may have to replay.
     """
     measured = [f for f in files if f["kind"] == "delta"]
     median_delta = {
@@ -147,6 +151,7 @@ def keyframe_tradeoff_estimate(
         sizes = [keyframe["bytes"] if k == "keyframe" else d["bytes"] for k, d in zip(kinds, as_delta, strict=True)]
         last_key = max((i for i, k in enumerate(kinds) if k == "keyframe"), default=-1)
         load_s = (keyframe["decode_s"] if last_key >= 0 else 0.0) + sum(d["decode_s"] for d in as_delta[last_key + 1 :])
+        segment_bytes = keyframe["bytes"] + (interval - 1) * median_delta["bytes"]
         rows.append(
             {
                 "keyframe_interval": interval,
@@ -155,12 +160,15 @@ def keyframe_tradeoff_estimate(
                 "overall_ratio": raw_per_ckpt * len(files) / sum(sizes),
                 "load_last_s": load_s,
                 "deltas_at_median": at_median,
+                "long_run_ratio": raw_per_ckpt * interval / segment_bytes,
+                "load_worst_s": keyframe["decode_s"] + (interval - 1) * median_delta["decode_s"],
             }
         )
         print(
             f"keyframe interval {interval:5d} (estimate): {rows[-1]['keyframes']} keyframes, "
             f"{sum(sizes) / MB:9.1f} MB ({rows[-1]['overall_ratio']:.1f}x), load the last in {load_s:.1f} s"
             + (f" (steps {at_median} costed at the median delta)" if at_median else "")
+            + f"; a long run: {rows[-1]['long_run_ratio']:.1f}x, load <= {rows[-1]['load_worst_s']:.0f} s"
         )
     return {
         "measured": "estimated from measured parts: one keyframe's bytes and decode time (the run's last "

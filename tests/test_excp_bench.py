@@ -69,8 +69,12 @@ def test_keyframe_tradeoff_estimate_places_keyframes_and_replays_from_the_last()
         "overall_ratio": 1600 / 220,
         "load_last_s": 5.0,
         "deltas_at_median": [],
+        "long_run_ratio": 800 / 110,  # a long run: segments of one keyframe + one median delta
+        "load_worst_s": 6.0,
     }
     assert rows[1]["keyframes"] == 0 and rows[1]["total_bytes"] == 40 and rows[1]["load_last_s"] == 4.0
+    assert rows[1]["long_run_ratio"] == pytest.approx(400_000 / (100 + 999 * 10))
+    assert rows[1]["load_worst_s"] == pytest.approx(5.0 + 999)
 
 
 def test_a_file_the_run_wrote_as_a_keyframe_is_costed_as_the_median_delta_where_an_interval_makes_it_one():

@@ -29,7 +29,7 @@ def _excp(cli) -> ExCP:
 def test_excp_configs_instantiate(config):
     cli = parse_config(config, overrides=TINY_MODEL)
     excp = _excp(cli)
-    assert excp.settings.bits_w == 4 and excp.settings.keyframe_interval == 10
+    assert excp.settings.bits_w == 4 and excp.settings.keyframe_interval == 20
     assert cli.trainer.checkpoint_callback is not None
 
 

@@ -54,7 +54,7 @@ class ExCP(Callback):
         codec: the codec settings (:class:`~callbacks.excp.codec.ExCPSettings`: bits per stream,
             ``alpha``/``beta``/``cap`` pruning or a ``target_bits_per_param`` budget (with
             ``alpha: null``), ``keyframe_interval``, quantizer, ``entropy_coder``, threads, ...);
-            in YAML a nested mapping ``codec: {bits_w: 4, keyframe_interval: 10}``. None: defaults.
+            in YAML a nested mapping ``codec: {bits_w: 4, keyframe_interval: 20}``. None: defaults.
         log_stats: log ``excp/ratio``, ``excp/bits_per_param_{w,m,v}``, ``excp/sparsity_{w,m}``,
             ``excp/encode_s`` and ``excp/keyframe`` to the Trainer's loggers after each save (not
             after a same-step twin, which stores no tensors and already has its step's row).

@@ -68,7 +68,11 @@ class ExCPSettings:
         no_v_factor: weight-mask factor for tensors without a second moment (SGD, frozen weights):
             there is no ``mean(v)`` to scale by, so this fixed multiple of the median is used.
         keyframe_interval: a keyframe every this many checkpoints (bounds chain length, hence the
-            time to load the last checkpoint and what one lost file takes with it).
+            time to load the last checkpoint and what one lost file takes with it). 20 is chosen from
+            the trade-off ``bench/excp.py`` measures (SmolLM2-135M, a keyframe with lossy moments 2.9x,
+            deltas ~29x, 2 threads): a long run averages 15x at 10, 20x at 20, 25x at 50, and the
+            slowest load (a segment's last file) takes 20, 39 or 93 s; a run of up to 20 checkpoints
+            from pretrained weights then stores no keyframe at all.
         keyframe_moments: ``"lossless"`` or ``"lossy"``: a keyframe's weights are always exact; lossy
             quantizes its Adam moments like a delta's (``bits_m``/``bits_v`` k-means codebooks, nothing
             pruned but exact zeros), which makes keyframes ~3x instead of ~1.2x smaller than fp32 W+m+v
@@ -107,7 +111,7 @@ class ExCPSettings:
     beta: float = 2.0
     cap: float = 2.5
     no_v_factor: float = 1.0
-    keyframe_interval: int = 10
+    keyframe_interval: int = 20
     keyframe_moments: str = "lossless"
     residual: bool = True
     momentum_criterion: bool = True

@@ -20,6 +20,7 @@ from callbacks.excp.quantize import (
     encode_indices,
     encode_lossless,
     kmeans_1d,
+    uniform_levels,
 )
 from common.atomic import atomic_write_bytes
 from tests.excp_crafting import decode_code
@@ -55,6 +56,38 @@ def test_kmeans_log_domain_keeps_tiny_second_moments():
     cb = kmeans_1d(v, 15, log_domain=True, generator=g)
     assert cb.dtype == torch.float32 and (cb > 0).all() and cb.min() < 1e-12
     assert torch.isinf(cb.half().float().log()).any()  # what fp16 codebooks would have done
+
+
+def test_uniform_levels_in_the_log_domain_keep_every_decade_of_v():
+    # a linear grid over v spanning five decades puts ~all entries in its lowest level (off 100x+)
+    g = torch.Generator().manual_seed(0)
+    v = torch.exp(torch.empty(10000).uniform_(math.log(1e-14), math.log(1e-9), generator=g))
+    linear = uniform_levels(v, 7)
+    assert torch.allclose(linear, torch.linspace(float(v.min()), float(v.max()), 7))
+    grid = uniform_levels(v, 7, log_domain=True)
+    assert grid.dtype == torch.float32 and grid.numel() == 7 and (grid > 0).all()
+    steps = grid.double().log().diff()
+    assert torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-4)  # evenly spaced in log v
+    assert grid[0] == pytest.approx(float(v.min()), rel=1e-5) and grid[-1] == pytest.approx(float(v.max()), rel=1e-5)
+
+
+def test_uniform_quantizer_codes_v_in_the_log_domain():
+    g = torch.Generator().manual_seed(1)
+    n = 4096
+    w = torch.randn(n, generator=g)
+    ref = w - 0.01 * torch.randn(n, generator=g)
+    m = 0.01 * torch.randn(n, generator=g)
+    v = torch.exp(torch.empty(n).uniform_(math.log(1e-12), math.log(1e-6), generator=g))
+    s = ExCPSettings(quantizer="uniform", bits_w=3, bits_m=3, bits_v=3, momentum_criterion=False)
+    code = encode_param_delta(w, ref, m, v, s, g)
+    _, _, decoded = decode_code(code, (n,), torch.float32, ref)  # pruned entries decode to 0 here
+    assert decoded is not None
+    kept = decoded > 0
+    assert int(kept.sum()) == code.kept_m > n // 4
+    decoded_v = decoded[kept]
+    ratio = (decoded_v.double() / v[kept].double()).log().abs()
+    # 7 levels over six decades: each entry within half a step (log(1e6) / 12) of its value
+    assert float(ratio.max()) <= math.log(1e6) / 12 + 1e-3
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 0.9, 1.0])

@@ -81,7 +81,9 @@ class ExCPSettings:
         momentum_criterion: apply the ``beta`` momentum criterion (False: m keeps the weight mask,
             the "weight-only pruning" ablation).
         quantizer: ``"kmeans"`` (the method) or ``"uniform"`` (ablation).
-        v_log_domain: cluster v in the log domain (v spans decades; linear k-means crushes small v).
+        v_log_domain: quantize v in the log domain, k-means centroids and uniform grids alike (v spans
+            decades: a linear codebook crushes small v, and decoding a small v to a tiny level makes
+            Adam's steps after a resume explode).
         v_floor: pruned v entries decode to the mean of the pruned entries (one float per tensor in
             the header) instead of zero, which keeps Adam's step sizes after a resume.
         v_bias_correction: the weight rule's ``mean(v)`` is divided by ``1 - beta2**step`` (Adam's own
@@ -206,8 +208,7 @@ def _quantize(
     if s.quantizer == "kmeans":
         cb = kmeans_1d(values, k, iters=s.kmeans_iters, sample=s.kmeans_sample, generator=gen, log_domain=log_domain)
     else:
-        cb = uniform_levels(values, k)
-        log_domain = False
+        cb = uniform_levels(values, k, log_domain=log_domain)
     codes = assign(values, cb, log_domain=log_domain) + 1
     return cb, codes.to(torch.uint8).numpy()
 

@@ -97,14 +97,23 @@ def kmeans_1d(
     return torch.unique(c.to(torch.float32))
 
 
-def uniform_levels(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Return ``k`` evenly spaced fp32 levels spanning ``values`` (the ablation's uniform quantizer)."""
+def uniform_levels(values: torch.Tensor, k: int, *, log_domain: bool = False) -> torch.Tensor:
+    """Return ``k`` evenly spaced fp32 levels spanning ``values``.
+
+    With ``log_domain`` the levels are evenly spaced in ``log(values)`` (strictly positive streams
+    such as Adam's ``v``): a linear grid over a stream spanning decades puts nearly every entry in
+    the lowest level, which then overstates most of them many times over.
+    """
     x = values.detach().reshape(-1).float()
     if x.numel() == 0:
         return torch.zeros(0, dtype=torch.float32)
     lo, hi = x.min(), x.max()
     if x.numel() <= k or lo == hi:
         return torch.unique(x)
+    if log_domain:
+        tiny = torch.finfo(torch.float32).tiny
+        grid = torch.linspace(math.log(max(float(lo), tiny)), math.log(max(float(hi), tiny)), k, dtype=torch.float64)
+        return torch.unique(torch.exp(grid).float())
     return torch.unique(torch.linspace(float(lo), float(hi), k, dtype=torch.float32))
 
 

@@ -71,6 +71,16 @@ def test_uniform_levels_in_the_log_domain_keep_every_decade_of_v():
     assert grid[0] == pytest.approx(float(v.min()), rel=1e-5) and grid[-1] == pytest.approx(float(v.max()), rel=1e-5)
 
 
+def test_uniform_levels_of_a_signed_stream_are_centred_on_zero():
+    # an asymmetric m: a min..max grid's middle level (+0.0495) would bias every small entry
+    x = torch.cat([torch.full((100,), -0.001), torch.linspace(-0.001, 0.1, 1000)])
+    for k, expected in ((3, [-0.1, 0.0, 0.1]), (7, [-0.1, -2 / 30, -1 / 30, 0.0, 1 / 30, 2 / 30, 0.1])):
+        assert torch.allclose(uniform_levels(x, k), torch.tensor(expected), atol=1e-7)
+    assert torch.allclose(uniform_levels(x, 1), x.mean().reshape(1))
+    one_signed = uniform_levels(x.abs() + 1, 3)  # min..max
+    assert torch.allclose(one_signed, torch.tensor([1.0, 1.05, 1.1]), atol=1e-4)
+
+
 def test_uniform_quantizer_codes_v_in_the_log_domain():
     g = torch.Generator().manual_seed(1)
     n = 4096

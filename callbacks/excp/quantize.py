@@ -98,11 +98,11 @@ def kmeans_1d(
 
 
 def uniform_levels(values: torch.Tensor, k: int, *, log_domain: bool = False) -> torch.Tensor:
-    """Return ``k`` evenly spaced fp32 levels spanning ``values``.
+    """Return at most ``k`` evenly spaced fp32 levels spanning ``values``.
 
     With ``log_domain`` the levels are evenly spaced in ``log(values)`` (strictly positive streams
-    such as Adam's ``v``): a linear grid over a stream spanning decades puts nearly every entry in
-    the lowest level, which then overstates most of them many times over.
+    such as Adam's ``v``): a linear grid over a stream spanning decades decodes nearly every entry
+    to its lowest level, far below the entry's value, and Adam's steps after a resume explode.
     """
     x = values.detach().reshape(-1).float()
     if x.numel() == 0:
@@ -110,6 +110,15 @@ def uniform_levels(values: torch.Tensor, k: int, *, log_domain: bool = False) ->
     lo, hi = x.min(), x.max()
     if x.numel() <= k or lo == hi:
         return torch.unique(x)
+    if lo < 0 < hi and not log_domain:
+        # a signed stream (weight residuals, m): a grid centred on zero, as entropy-coded scalar
+        # quantizers use; a min..max grid puts a level at (min + max) / 2, a bias that every small
+        # entry of an asymmetric stream takes (with 3 levels, most of m: resumed Adam steps diverge)
+        half = (k - 1) // 2
+        if half == 0:  # one level: the mean, as one k-means centroid
+            return x.mean(dtype=torch.float64).float().reshape(1)
+        step = max(-float(lo), float(hi)) / half
+        return torch.unique((torch.arange(-half, half + 1, dtype=torch.float64) * step).float())
     if log_domain:
         tiny = torch.finfo(torch.float32).tiny
         grid = torch.linspace(math.log(max(float(lo), tiny)), math.log(max(float(hi), tiny)), k, dtype=torch.float64)

@@ -14,6 +14,8 @@ Measured in one run, with 2 threads (``ExCPSettings.threads=2``, ``torch.set_num
     fp32 W+m+v of every checkpoint (``overall_ratio``), and the keyframe-interval trade-off (total
     bytes vs time to load the last checkpoint);
   * speed: encode / decode MB/s of raw checkpoint tensors over that run's deltas, and on large tensors;
+  * alternative settings (uniform levels instead of k-means codebooks): every seed's lossy-resume run
+    again, with its ratios and |final val loss delta| (``alternative_settings``);
   * quick mode only: per-checkpoint bytes against torch.save / zstd / byte-grouped zstd; ablations
     (no residual, weight-only pruning, uniform quantization, linear-domain v, raw v in the weight rule,
     2/3/8 bits, zstd layouts only, bit budgets) each resumed from its reconstruction; bits per symbol of
@@ -73,6 +75,13 @@ TARGETS = {  # the issue's targets; quick mode has only the delta-ratio one
 }
 
 
+def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
+    """Settings measured over every seed like the default: entropy-coded uniform levels instead of
+    k-means codebooks, at the default's 4 bits and at 3."""
+    uniform = replace(default, quantizer="uniform")
+    return {"uniform 4-bit": uniform, "uniform 3-bit": replace(uniform, bits_w=3, bits_m=3, bits_v=3)}
+
+
 def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:
     return {
         DEFAULT: default,
@@ -81,7 +90,7 @@ def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:
         "8-bit": replace(default, bits_w=8, bits_m=8, bits_v=8),
         "no residual": replace(default, residual=False),
         "weight-only pruning": replace(default, momentum_criterion=False),
-        "uniform 4-bit": replace(default, quantizer="uniform"),
+        **_alternatives(default),
         "linear-domain v (paper)": replace(default, v_log_domain=False),
         "raw v in the weight rule (paper)": replace(default, v_bias_correction=False),
         "alpha 5e-4": replace(default, alpha=5e-4),
@@ -156,20 +165,27 @@ def _tradeoff_estimate(storage: dict[str, Any], keyframe: dict[str, float]) -> d
     return keyframe_tradeoff_estimate(storage["per_file"], keyframe, INTERVALS, _raw_per_checkpoint(storage))
 
 
-def _lossless_keyframe_moments(
-    wl: Workload, pairs: dict[int, tuple[Any, Any]], default: ExCPSettings, tmp: Path
+def _resumes_with(
+    wl: Workload, pairs: dict[int, tuple[Any, Any]], settings: ExCPSettings, label: str, tmp: Path
 ) -> dict[str, Any]:
-    """The same lossy-resume runs with exact keyframe moments: what storing them lossily costs in quality."""
-    settings = replace(default, keyframe_moments="lossless")
-    print("with lossless keyframe moments:")
-    runs = {
-        s: (base, train(wl, seed=s, lossy=settings, workdir=tmp / f"lossless-moments-{s}"))
-        for s, (base, _) in pairs.items()
-    }
+    """Every seed's lossy-resume run again with other codec ``settings``, against the same
+    uninterrupted runs: storage of seed 0's run and resume quality over the seeds, as for the default."""
+    print(f"{label}:")
+    folder = tmp / label.replace(" ", "-").replace("/", "-")
+    runs = {s: (base, train(wl, seed=s, lossy=settings, workdir=folder / f"seed{s}")) for s, (base, _) in pairs.items()}
     quality = resume_quality(runs)
-    storage = storage_summary(runs[0][1].files, tmp / "lossless-moments-0")
+    storage = storage_summary(runs[0][1].files, folder / "seed0")
     keys = ("final_loss_delta_abs_rel", "final_loss_delta_rel_per_seed", "seed_spread_rel", "within_seed_spread")
-    return {"overall_ratio": storage["overall_ratio"], **{k: quality[k] for k in keys}}
+    out = {"settings": settings.to_dict(), **{k: storage[k] for k in ("delta_ratio_median", "overall_ratio")}}
+    out.update({k: quality[k] for k in keys})
+    out.update(encode_mb_s=storage["delta_encode_mb_s"], decode_mb_s=storage["delta_decode_mb_s"])
+    spread = quality["seed_spread_rel"]
+    print(
+        f"{label}: median delta {out['delta_ratio_median']:.1f}x, overall {out['overall_ratio']:.1f}x, "
+        f"|final loss delta| {out['final_loss_delta_abs_rel']:.2%}"
+        + (f" (seed spread {spread:.2%})" if spread is not None else "")
+    )
+    return out
 
 
 def _recompute_tradeoff(path: Path) -> None:
@@ -188,6 +204,28 @@ def _recompute_tradeoff(path: Path) -> None:
     tradeoff["recomputed"] = f"from this record's measured parts on {datetime.now(UTC):%Y-%m-%d}, no training"
     result["keyframe_interval_tradeoff"] = tradeoff
     atomic_write_json(path, result)
+
+
+def _replot(path: Path) -> None:
+    """Redraw a record's figure from the record alone (per-seed validation curves included)."""
+    import json
+    from types import SimpleNamespace
+
+    from excp_workload import Run
+
+    try:
+        result = json.loads(path.read_text())
+        seeds = result["lossy_resume"]["seeds"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        message = f"{path}: cannot read the record to replot ({err}); run `python bench/excp.py` first"
+        raise SystemExit(message) from None
+    pairs = {
+        r["seed"]: (Run([], val=r["val_uninterrupted"]), Run([], val=r["val_lossy"], resumes=r["resumes"]))
+        for r in seeds
+    }
+    details = result["workload_details"]
+    wl = SimpleNamespace(name=details["name"], interval=details["checkpoint_every"])
+    plot(result, pairs, wl, path.with_suffix(".png"))
 
 
 def _report_targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +260,14 @@ def main() -> None:
         help="full mode: recompose the keyframe-interval estimate of an existing record from its measured "
         "parts (no training), e.g. after a fix to that estimate",
     )
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG of an existing record (no training)")
     args = ap.parse_args()
     out = args.out or ROOT / "bench" / "results" / ("excp.json" if args.quick else "excp_smollm2.json")
     if args.recompute_tradeoff:
         _recompute_tradeoff(out)
+        return
+    if args.replot:
+        _replot(out)
         return
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
@@ -281,6 +323,11 @@ def main() -> None:
         "storage": storage,
         "lossy_resume": quality,
     }
+    started = time.perf_counter()
+    result["alternative_settings"] = {
+        label: _resumes_with(wl, pairs, settings, label, tmp) for label, settings in _alternatives(default).items()
+    }
+    timings["alternative_settings_s"] = time.perf_counter() - started
     if args.quick:
         started = time.perf_counter()
         slow = {"0.9,0.999": (0.9, 0.999)}
@@ -294,7 +341,10 @@ def main() -> None:
                 f"{lossy.resumes} lossy resumes ({result['final_loss_delta_rel_beta2_0999'] * 100:+.3f}%)"
             )
         if args.compare_keyframe_moments:
-            result["lossy_resume_keyframe_moments_lossless"] = _lossless_keyframe_moments(wl, pairs, default, tmp)
+            lossless = replace(default, keyframe_moments="lossless")
+            result["lossy_resume_keyframe_moments_lossless"] = _resumes_with(
+                wl, pairs, lossless, "with lossless keyframe moments", tmp
+            )
         result.update(_quick_extras(wl, base0, default, tmp))
         timings["quick_extras_s"] = time.perf_counter() - started
     else:

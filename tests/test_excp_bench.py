@@ -103,3 +103,21 @@ def test_an_ablation_resumes_from_its_reconstruction(workload, tmp_path):
     assert rows[0]["val_loss_after_resume_delta_rel"] != rows[1]["val_loss_after_resume_delta_rel"]
     decoded = series["method"][1]["decoded"]
     assert not torch.equal(decoded["state_dict"]["lm_head.weight"], base.ckpts[1]["state_dict"]["lm_head.weight"])
+
+
+def test_an_alternative_setting_reruns_every_seed_against_the_same_uninterrupted_runs(workload, tmp_path):
+    from excp import _alternatives, _resumes_with
+
+    default = ExCPSettings(threads=2)
+    pairs = {
+        s: (train(workload, seed=s), train(workload, seed=s, lossy=default, workdir=tmp_path / f"d{s}")) for s in (0, 1)
+    }
+    label, settings = next(iter(_alternatives(default).items()))
+    out = _resumes_with(workload, pairs, settings, label, tmp_path)
+    assert out["settings"] == settings.to_dict() and out["settings"]["quantizer"] == "uniform"
+    assert len(out["final_loss_delta_rel_per_seed"]) == 2
+    for seed, delta in zip((0, 1), out["final_loss_delta_rel_per_seed"], strict=True):
+        base = pairs[seed][0].final_val
+        assert delta != 0 and abs(delta) < 1  # a run of its own, not the default's lossy run
+        assert delta != pytest.approx((pairs[seed][1].final_val - base) / base, rel=1e-9)
+    assert out["delta_ratio_median"] > 1 and out["overall_ratio"] > 1

@@ -188,19 +188,31 @@ def _resumes_with(
     return out
 
 
-def _recompute_tradeoff(path: Path) -> None:
-    """Rewrite a full record's keyframe-interval estimate from the files and keyframe it measured."""
+def _read_record(path: Path, purpose: str) -> dict[str, Any]:
+    """A record this bench wrote, or one line saying why it cannot be used for ``purpose``."""
     import json
-    from datetime import UTC, datetime
 
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        message = f"{path}: cannot read the record to recompute ({err}); run `python bench/excp.py` first"
+        message = f"{path}: cannot read the record to {purpose} ({err}); run `python bench/excp.py` first"
         raise SystemExit(message) from None
-    if not isinstance(result, dict) or result.get("mode") != "full":
+    if not isinstance(result, dict):
+        raise SystemExit(f"{path}: not a record of bench/excp.py; run `python bench/excp.py` first")
+    return result
+
+
+def _recompute_tradeoff(path: Path) -> None:
+    """Rewrite a full record's keyframe-interval estimate from the files and keyframe it measured."""
+    from datetime import UTC, datetime
+
+    result = _read_record(path, "recompute")
+    if result.get("mode") != "full":
         raise SystemExit(f"{path}: --recompute-tradeoff needs a full-mode record (its keyframe is measured there)")
-    tradeoff = _tradeoff_estimate(result["storage"], result["keyframes"]["lossy"])
+    try:
+        tradeoff = _tradeoff_estimate(result["storage"], result["keyframes"]["lossy"])
+    except (KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: the record lacks {err} to recompute; run `python bench/excp.py` again") from None
     tradeoff["recomputed"] = f"from this record's measured parts on {datetime.now(UTC):%Y-%m-%d}, no training"
     result["keyframe_interval_tradeoff"] = tradeoff
     atomic_write_json(path, result)
@@ -208,23 +220,20 @@ def _recompute_tradeoff(path: Path) -> None:
 
 def _replot(path: Path) -> None:
     """Redraw a record's figure from the record alone (per-seed validation curves included)."""
-    import json
     from types import SimpleNamespace
 
     from excp_workload import Run
 
+    result = _read_record(path, "replot")
     try:
-        result = json.loads(path.read_text())
-        seeds = result["lossy_resume"]["seeds"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        message = f"{path}: cannot read the record to replot ({err}); run `python bench/excp.py` first"
-        raise SystemExit(message) from None
-    pairs = {
-        r["seed"]: (Run([], val=r["val_uninterrupted"]), Run([], val=r["val_lossy"], resumes=r["resumes"]))
-        for r in seeds
-    }
-    details = result["workload_details"]
-    wl = SimpleNamespace(name=details["name"], interval=details["checkpoint_every"])
+        pairs = {
+            r["seed"]: (Run([], val=r["val_uninterrupted"]), Run([], val=r["val_lossy"], resumes=r["resumes"]))
+            for r in result["lossy_resume"]["seeds"]
+        }
+        details = result["workload_details"]
+        wl = SimpleNamespace(name=details["name"], interval=details["checkpoint_every"])
+    except (KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: the record lacks {err} to replot; run `python bench/excp.py` again") from None
     plot(result, pairs, wl, path.with_suffix(".png"))
 
 

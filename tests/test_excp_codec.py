@@ -184,6 +184,47 @@ def test_joint_shrinking_follows_the_notes():
     assert torch.equal(m4 != 0, wmask & (m != 0))
 
 
+def test_fisher_saliency_masks_by_dw_times_sqrt_v_and_loses_less_fisher_weighted_error():
+    """weight_saliency="fisher" thresholds |dW| * sqrt(v / mean v) with the method's median rule; at
+    the same bit budget it leaves a smaller v-weighted error (a second-order loss estimate) than |dW|."""
+    g = torch.Generator().manual_seed(5)
+    n = 8000
+    ref = torch.zeros(n)
+    dw = torch.randn(n, generator=g)
+    m = torch.randn(n, generator=g)
+    v = 4e-8 * torch.rand(n, generator=g) ** 4  # decades apart, independent of |dW|
+    s = ExCPSettings(bits_w=8, bits_m=8, bits_v=8, weight_saliency="fisher")
+    code = encode_param_delta(dw, ref, m, v, s, g)
+    w2, _, _ = decode_code(code, (n,), torch.float32, ref)
+    saliency = dw.abs() * (v.double() / v.double().mean()).sqrt().float()
+    factor = min(2.5, 5e-5 / math.sqrt(float(v.double().mean())))
+    assert torch.equal(w2 != 0, saliency > saliency.median() * factor)
+
+    def weighted_error(saliency_rule: str) -> float:
+        settings = ExCPSettings(weight_saliency=saliency_rule, target_bits_per_param=1.5)
+        code = encode_param_delta(dw, ref, m, v, settings, torch.Generator().manual_seed(0))
+        return float((v * (code.recon_w - dw) ** 2).sum())
+
+    assert weighted_error("fisher") < 0.6 * weighted_error("magnitude")
+
+
+def test_fisher_saliency_without_a_second_moment_is_the_magnitude_rule():
+    g = torch.Generator().manual_seed(6)
+    ref, dw, m = torch.zeros(3000), torch.randn(3000, generator=g), torch.randn(3000, generator=g)
+    codes = [
+        encode_param_delta(dw, ref, m, None, ExCPSettings(weight_saliency=rule), torch.Generator().manual_seed(0))
+        for rule in ("magnitude", "fisher")
+    ]
+    assert codes[0].w == codes[1].w and codes[0].m == codes[1].m
+
+
+def test_an_unknown_weight_saliency_is_one_line():
+    from common.errors import UserFacingError
+
+    with pytest.raises(UserFacingError, match="weight_saliency='l2' is invalid: use 'magnitude' or 'fisher'"):
+        ExCPSettings(weight_saliency="l2")
+
+
 def test_keyframe_param_is_lossless():
     s = ExCPSettings()
     w, m, v = torch.randn(9, 4).bfloat16(), torch.randn(9, 4), torch.rand(9, 4)

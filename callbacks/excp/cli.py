@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--entropy-coder", choices=["auto", "zstd"], default=defaults.entropy_coder)
     c.add_argument("--quantizer", choices=["kmeans", "uniform"], default=defaults.quantizer)
+    c.add_argument(
+        "--weight-saliency",
+        choices=["magnitude", "fisher"],
+        default=defaults.weight_saliency,
+        help="what the weight mask ranks: |dW| (the paper) or |dW| * sqrt(v / mean(v))",
+    )
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
     d.add_argument("inputs", nargs="+", type=Path, help=".excp files and/or DeepSpeed checkpoint folders")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder to write into")
@@ -160,6 +166,7 @@ def _compress(args: argparse.Namespace) -> None:
         beta=args.beta,
         cap=args.cap,
         quantizer=args.quantizer,
+        weight_saliency=args.weight_saliency,
     )
     for p in args.inputs:
         if not p.exists():

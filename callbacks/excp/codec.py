@@ -7,7 +7,8 @@ delta coder follows the method's notes exactly:
 2. weight mask: ``|dW| > median(|dW|) * min(cap, alpha / sqrt(mean(v)))`` (the method; ``v`` bias-corrected
    as Adam's own step is, ``v / (1 - beta2**step)``, unless ``v_bias_correction`` is off), or, with
    ``target_bits_per_param``, the ``|dW|`` threshold whose coded W, m, v fit that budget
-   (:mod:`callbacks.excp.rate`);
+   (:mod:`callbacks.excp.rate`); with ``weight_saliency="fisher"`` both rules rank
+   ``|dW| * sqrt(v / mean(v))`` instead of ``|dW|``;
 3. momentum mask: ``|m| > beta * mean(|m|)`` AND the weight mask; v uses m's mask;
 4. per-stream 1-D k-means with ``2**bits - 1`` fp32 centroids, code 0 meaning "pruned";
 5. the code streams are entropy-coded (zstd layouts or rANS, whichever is smaller) with the nested
@@ -80,6 +81,12 @@ class ExCPSettings:
         residual: code ``W_t - W^_{t-1}`` (True) or ``W_t`` itself (False; the "no residual" ablation).
         momentum_criterion: apply the ``beta`` momentum criterion (False: m keeps the weight mask,
             the "weight-only pruning" ablation).
+        weight_saliency: what the weight mask ranks: ``"magnitude"`` (the paper: ``|dW|``) or
+            ``"fisher"`` (``|dW| * sqrt(v / mean(v))``: Adam's ``v`` estimates the diagonal Fisher, so
+            an entry's loss cost when its update is dropped grows with ``v * dW**2``; the tensor-wide
+            normalisation leaves ``alpha`` and the budget rule their meaning). Measured on SmolLM2 (one
+            10-step delta, updates pruned, nothing quantized): keeping 10% of the entries cost +1.07%
+            validation loss by magnitude and +0.51% by this rank. Tensors without v fall back to magnitude.
         quantizer: ``"kmeans"`` (the paper's k-means codebooks) or ``"uniform"`` (evenly spaced
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy
             coding, uniform levels make smaller files at the same bits, since most survivors fall in
@@ -121,6 +128,7 @@ class ExCPSettings:
     keyframe_moments: str = "lossless"
     residual: bool = True
     momentum_criterion: bool = True
+    weight_saliency: str = "magnitude"
     quantizer: str = "kmeans"
     v_log_domain: bool = True
     v_floor: bool = True
@@ -138,6 +146,10 @@ class ExCPSettings:
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 8:
                 raise UserFacingError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
+        if self.weight_saliency not in ("magnitude", "fisher"):
+            raise UserFacingError(
+                f"ExCP weight_saliency={self.weight_saliency!r} is invalid: use 'magnitude' or 'fisher'"
+            )
         if self.quantizer not in ("kmeans", "uniform"):
             raise UserFacingError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
         if self.keyframe_moments not in ("lossless", "lossy"):
@@ -280,11 +292,12 @@ def encode_param_delta(
         cd = compute_dtype(w.dtype)
         base = ref.detach().cpu().reshape(-1).to(cd) if s.residual else torch.zeros(n, dtype=cd)
         dw = w.reshape(-1).to(cd) - base
+        saliency = _saliency(dw, v, s)
         if s.target_bits_per_param is not None:
-            codes = _fit_budget(dw, m, v, s, generator)
+            codes = _fit_budget(dw, saliency, m, v, s, generator)
         else:
             factor = _weight_factor(v, s, v_bias)
-            wmask = dw.abs() > dw.abs().median() * factor if n else torch.zeros(0, dtype=torch.bool)
+            wmask = saliency > saliency.median() * factor if n else torch.zeros(0, dtype=torch.bool)
             codes = _quantize_streams(dw, wmask, m, v, s, generator)
         assert codes.cb_w is not None and codes.idx_w is not None
         w_blob = _blobs(codes, s)["w"]
@@ -366,8 +379,29 @@ def _quantize_streams(
     return _Codes(cb_w, idx_w, cb_m, idx_m, cb_v, idx_v, kept_v, int(torch.count_nonzero(wmask)), kept_m)
 
 
+def _saliency(dw: torch.Tensor, v: torch.Tensor | None, s: ExCPSettings) -> torch.Tensor:
+    """What the weight mask ranks: ``|dW|``, or ``|dW| * sqrt(v / mean(v))`` (see ``weight_saliency``).
+
+    The ratio to the tensor's mean makes it scale-free (Adam's bias correction cancels) and equal to
+    ``|dW|`` where v is flat, so ``alpha``'s median rule keeps about the paper's share of entries.
+    """
+    magnitude = dw.abs()
+    if s.weight_saliency == "magnitude" or v is None or v.numel() != dw.numel() or dw.numel() == 0:
+        return magnitude
+    v64 = v.to(torch.float64)
+    mean_v = float(v64.mean())
+    if not mean_v > 0 or not math.isfinite(mean_v):
+        return magnitude
+    return magnitude * (v64 / mean_v).clamp_min(0).sqrt().to(magnitude.dtype)
+
+
 def _fit_budget(
-    dw: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, s: ExCPSettings, gen: torch.Generator
+    dw: torch.Tensor,
+    saliency: torch.Tensor,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    s: ExCPSettings,
+    gen: torch.Generator,
 ) -> _Codes:
     """Codes of ``dw`` whose coded size meets ``target_bits_per_param * numel`` (see :func:`fit_budget`)."""
     assert s.target_bits_per_param is not None
@@ -378,7 +412,7 @@ def _fit_budget(
 
     bits = (s.bits_w, s.bits_m, s.bits_v)
     budget = s.target_bits_per_param * dw.numel()
-    return fit_budget(dw.abs(), _momentum_candidates(m, s), v is not None, budget, bits, quantize, gen)
+    return fit_budget(saliency, _momentum_candidates(m, s), v is not None, budget, bits, quantize, gen)
 
 
 def _pruned_mean(v: torch.Tensor, kept: torch.Tensor) -> float:

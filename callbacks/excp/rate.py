@@ -5,7 +5,8 @@ delta costs depends on the gradient scale: the same run with its loss multiplied
 updates unchanged, v 10^4 times larger) keeps almost every residual. In the budget mode the tensor's
 threshold is instead the one whose *coded size* meets ``budget_bits``:
 
-* entries still rank by ``|dW|`` (within a tensor the method's criterion is a threshold on ``|dW|``);
+* entries still rank by ``|dW|`` (within a tensor the method's criterion is a threshold on ``|dW|``),
+  or by ``|dW| * sqrt(v / mean(v))`` with ``weight_saliency="fisher"``;
 * the momentum mask stays the method's ``|m| > beta * mean(|m|)`` nested in the weight mask, and v
   follows m, so one threshold sets the cost of all three streams: the *joint* cost of keeping the
   top ``q`` of ``|dW|`` is, with the m-kept share ``r(q)`` measured on the same ranking,
@@ -74,10 +75,10 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
     return np.nan_to_num(h, nan=0.0)
 
 
-def _rank(absdw: torch.Tensor, m_candidates: torch.Tensor | None, generator: torch.Generator) -> _Ranking:
-    n = absdw.numel()
+def _rank(saliency: torch.Tensor, m_candidates: torch.Tensor | None, generator: torch.Generator) -> _Ranking:
+    n = saliency.numel()
     pick = torch.randint(0, n, (SAMPLE,), generator=generator) if n > SAMPLE else None
-    a = absdw if pick is None else absdw[pick]
+    a = saliency if pick is None else saliency[pick]
     order = torch.argsort(a, descending=True, stable=True)
     q = np.arange(a.numel() + 1, dtype=np.float64) / a.numel()
     r = None
@@ -106,18 +107,18 @@ def _cost(ranking: _Ranking, n: int, has_v: bool, model: RateModel, bits: tuple[
     return cost
 
 
-def _mask(absdw: torch.Tensor, ranking: _Ranking, j: int) -> torch.Tensor:
+def _mask(saliency: torch.Tensor, ranking: _Ranking, j: int) -> torch.Tensor:
     """Keep the entries above the j-th largest sampled ``|dW|`` (all for j = sample size, none for 0)."""
     size = ranking.values.numel()
     if j >= size:
-        return torch.ones(absdw.numel(), dtype=torch.bool)
+        return torch.ones(saliency.numel(), dtype=torch.bool)
     if j <= 0:
-        return torch.zeros(absdw.numel(), dtype=torch.bool)
-    return absdw > ranking.values[j]
+        return torch.zeros(saliency.numel(), dtype=torch.bool)
+    return saliency > ranking.values[j]
 
 
 def fit_budget(
-    absdw: torch.Tensor,
+    saliency: torch.Tensor,
     m_candidates: torch.Tensor | None,
     has_v: bool,
     budget_bits: float,
@@ -128,7 +129,7 @@ def fit_budget(
     """Quantized codes of one tensor whose coded size is within TOLERANCE of the budget.
 
     Args:
-        absdw: ``|dW|`` of the tensor (1-D).
+        saliency: what the weight mask ranks, ``|dW|`` or its Fisher-weighted form (1-D).
         m_candidates: where the momentum criterion alone would keep m (1-D bool), or None without m.
         has_v: whether a second-moment stream follows m's mask.
         budget_bits: the tensor's budget (``target_bits_per_param * numel``).
@@ -139,10 +140,10 @@ def fit_budget(
     Tensors of at most :data:`SMALL_NUMEL` entries keep every residual instead of freezing; a tensor
     that cannot reach the budget (fixed costs) gets the nearest it can.
     """
-    n = absdw.numel()
+    n = saliency.numel()
     if n <= SMALL_NUMEL:
         return quantize(torch.ones(n, dtype=torch.bool))[0]
-    ranking = _rank(absdw, m_candidates, generator)
+    ranking = _rank(saliency, m_candidates, generator)
     size = ranking.values.numel()
     model = RateModel(*(math.log2(2**b - 1) - 0.25 for b in bits))  # k-means codes: a bit under log2(k)
     best: tuple[float, Codes] | None = None
@@ -150,7 +151,7 @@ def fit_budget(
     within = np.flatnonzero(_cost(ranking, n, has_v, model, bits) <= budget_bits)
     j = int(within[-1]) if within.size else 0
     for _ in range(ROUNDS):
-        codes, coded = quantize(_mask(absdw, ranking, j))
+        codes, coded = quantize(_mask(saliency, ranking, j))
         if best is None or _closer(coded, best[0], budget_bits):
             best = (coded, codes)
         if abs(coded - budget_bits) <= TOLERANCE * budget_bits:

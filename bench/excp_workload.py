@@ -312,7 +312,9 @@ def train(
     first = 0
     if start is not None:
         model.load_state_dict(start["state_dict"])
-        opt.load_state_dict(start["optimizer_states"][0])
+        # Adam keeps the loaded moment tensors themselves (same dtype and device), and would step the
+        # caller's checkpoint in place: a second run from the same ``start`` would begin from moved moments.
+        opt.load_state_dict(copy.deepcopy(start["optimizer_states"][0]))
         sched.load_state_dict(start["lr_schedulers"][0])
         first = start["global_step"]
     run = Run(names)

@@ -40,6 +40,16 @@ def test_a_lossy_run_resumes_from_every_file_but_the_last_and_counts_every_byte(
     assert storage["keyframes"] == 1 and storage["delta_ratio_median"] > storage["keyframe_ratios"][0]
 
 
+def test_runs_from_the_same_checkpoint_leave_it_untouched_and_agree(workload):
+    start = train(workload, seed=0, keep="all", stop=2).ckpts[0]
+    moments = {i: {k: t.clone() for k, t in st.items()} for i, st in start["optimizer_states"][0]["state"].items()}
+    first = train(workload, seed=0, start=start, stop=4).final_val
+    for i, st in start["optimizer_states"][0]["state"].items():
+        for k, t in st.items():
+            assert torch.equal(t, moments[i][k]), f"state {i}/{k} was stepped in place"
+    assert train(workload, seed=0, start=start, stop=4).final_val == first
+
+
 def test_a_run_from_pretrained_weights_writes_no_keyframe(workload, tmp_path):
     pretrained = replace(workload, from_pretrained=True)
     run = train(pretrained, seed=0, lossy=ExCPSettings(), workdir=tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -223,6 +224,16 @@ def test_an_unknown_weight_saliency_is_one_line():
 
     with pytest.raises(UserFacingError, match="weight_saliency='l2' is invalid: use 'magnitude' or 'fisher'"):
         ExCPSettings(weight_saliency="l2")
+
+
+@pytest.mark.parametrize("name", ["weight_saliency", "quantizer", "keyframe_moments", "entropy_coder"])
+def test_an_unknown_option_names_the_ones_there_are(name):
+    from callbacks.excp.codec import CHOICES
+    from common.errors import UserFacingError
+
+    options = " or ".join(repr(c) for c in CHOICES[name])
+    with pytest.raises(UserFacingError, match=re.escape(f"ExCP {name}='nope' is invalid: use {options}")):
+        ExCPSettings(**{name: "nope"})
 
 
 def test_keyframe_param_is_lossless():

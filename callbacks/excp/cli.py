@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from callbacks.excp.codec import ExCPSettings
+from callbacks.excp.codec import CHOICES, ExCPSettings
 from callbacks.excp.decoder import decode_sequence, open_chain
 from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError, is_excp_file
@@ -71,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bit budget of each delta's W+m+v per parameter (instead of --alpha, whatever the gradient scale)",
     )
-    c.add_argument("--entropy-coder", choices=["auto", "zstd"], default=defaults.entropy_coder)
-    c.add_argument("--quantizer", choices=["kmeans", "uniform"], default=defaults.quantizer)
+    c.add_argument("--entropy-coder", choices=CHOICES["entropy_coder"], default=defaults.entropy_coder)
+    c.add_argument("--quantizer", choices=CHOICES["quantizer"], default=defaults.quantizer)
     c.add_argument(
         "--weight-saliency",
-        choices=["magnitude", "fisher"],
+        choices=CHOICES["weight_saliency"],
         default=defaults.weight_saliency,
         help="what the weight mask ranks: |dW| (the paper) or |dW| * sqrt(v / mean(v))",
     )

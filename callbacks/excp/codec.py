@@ -45,6 +45,14 @@ __all__ = ["ExCPSettings", "ParamCode", "decode_param", "encode_param_delta", "e
 DEFAULT_ALPHA = 5e-5
 """The paper's weight-mask scale."""
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "weight_saliency": ("magnitude", "fisher"),
+    "quantizer": ("kmeans", "uniform"),
+    "keyframe_moments": ("lossless", "lossy"),
+    "entropy_coder": CODERS,
+}
+"""The settings that name one of a few options: checked in one place, offered as the CLI's choices."""
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -146,23 +154,16 @@ class ExCPSettings:
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 8:
                 raise UserFacingError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
-        if self.weight_saliency not in ("magnitude", "fisher"):
-            raise UserFacingError(
-                f"ExCP weight_saliency={self.weight_saliency!r} is invalid: use 'magnitude' or 'fisher'"
-            )
-        if self.quantizer not in ("kmeans", "uniform"):
-            raise UserFacingError(f"ExCP quantizer={self.quantizer!r} is invalid: use 'kmeans' or 'uniform'")
-        if self.keyframe_moments not in ("lossless", "lossy"):
-            raise UserFacingError(
-                f"ExCP keyframe_moments={self.keyframe_moments!r} is invalid: use 'lossless' or 'lossy'"
-            )
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                options = " or ".join(repr(c) for c in choices)
+                raise UserFacingError(f"ExCP {name}={value!r} is invalid: use {options}")
         if self.keyframe_interval < 1:
             raise UserFacingError(f"ExCP keyframe_interval={self.keyframe_interval} is invalid: use >= 1")
         self._check_rate_mode()
         if self.beta < 0 or self.cap <= 0 or self.no_v_factor < 0:
             raise UserFacingError("ExCP cap must be > 0, beta and no_v_factor >= 0")
-        if self.entropy_coder not in CODERS:
-            raise UserFacingError(f"ExCP entropy_coder={self.entropy_coder!r} is invalid: use {' or '.join(CODERS)}")
         if self.threads < 1 or self.kmeans_sample < 16 or self.kmeans_iters < 1:
             raise UserFacingError("ExCP threads >= 1, kmeans_sample >= 16 and kmeans_iters >= 1 are required")
 

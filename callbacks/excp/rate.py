@@ -108,7 +108,7 @@ def _cost(ranking: _Ranking, n: int, has_v: bool, model: RateModel, bits: tuple[
 
 
 def _mask(saliency: torch.Tensor, ranking: _Ranking, j: int) -> torch.Tensor:
-    """Keep the entries above the j-th largest sampled ``|dW|`` (all for j = sample size, none for 0)."""
+    """Keep the entries above the j-th largest sampled saliency (all for j = sample size, none for 0)."""
     size = ranking.values.numel()
     if j >= size:
         return torch.ones(saliency.numel(), dtype=torch.bool)

@@ -102,22 +102,26 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """Convert a GGUF checkpoint to a float32 safetensors directory, atomically.
 
     ``save_pretrained`` refuses a GGUF-loaded model (it carries a GGUF quantization config), so the
-    model is rebuilt from a clean config and the state dict copied over.
+    model is rebuilt from a clean config and the state dict copied over. The conversion reads real
+    weights even when the caller asked for the architecture alone (``with torch.device("meta")``, a
+    config check on a fresh machine): the cache must hold the weights, and transformers refuses
+    ``from_pretrained`` under a meta default device.
     """
     print(f"[lumenlm] converting {gguf_path.name} to float32 safetensors (once, ~40 s); cache: {target}")
     directory, name = str(gguf_path.parent), gguf_path.name
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(loaded.state_dict())
-    clean.generation_config = loaded.generation_config
-    # a concurrent conversion of the same file swaps in an identical folder: either one is complete
-    with atomic_directory(target) as staging:
-        clean.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with torch.device("cpu"):
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(loaded.state_dict())
+        clean.generation_config = loaded.generation_config
+        # a concurrent conversion of the same file swaps in an identical folder: either one is complete
+        with atomic_directory(target) as staging:
+            clean.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
 
 
 def resolve_alias(alias: str) -> Path:

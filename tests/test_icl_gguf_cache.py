@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from common import hf_loading
 
 
@@ -28,3 +31,24 @@ def test_gguf_conversion_is_cached_by_content(tmp_path, monkeypatch):
     first.write_bytes(b"GGUF replaced in place")
     assert hf_loading._source_kwargs(str(first))[0] not in (a,)
     assert converted == ["a.gguf", "c.gguf", "a.gguf"]
+
+
+def test_gguf_conversion_reads_weights_on_cpu_under_a_meta_default(tmp_path, monkeypatch):
+    """A config check on a fresh machine (``with torch.device("meta")``) still converts real weights.
+
+    transformers refuses ``from_pretrained`` under a meta default device, and the cache must hold
+    weights for the runs that follow, so the conversion escapes the caller's meta device.
+    """
+    seen: list[str] = []
+
+    def record_device(*args, **kwargs):
+        seen.append(torch.get_default_device().type)
+        raise RuntimeError("stop after the first read")
+
+    monkeypatch.setattr(hf_loading.AutoModelForCausalLM, "from_pretrained", record_device)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with torch.device("meta"), pytest.raises(RuntimeError, match="first read"):
+        hf_loading._convert_gguf(gguf, tmp_path / "converted")
+    assert seen == ["cpu"]
+    assert not (tmp_path / "converted").exists()

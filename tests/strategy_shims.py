@@ -16,6 +16,10 @@ Both strategies are refused on CPU only by device checks, not by anything the co
   on CUDA GPUs" and ``setup_distributed`` checks CUDA device indices. With ``DS_ACCELERATOR=cpu`` DeepSpeed
   itself runs on CPU; the shim skips those two checks, initialises the process group with gloo and names
   the device ``cpu:<local rank>`` (the engine needs a device index: ``_set_distributed_vars`` compares it).
+  It also declines DeepSpeed's CPU shared-memory op (``deepspeed/comm/torch.py`` ``build_shm_op``): that op
+  serves only ``inference_all_reduce`` (training collectives go through gloo either way), yet on a fresh
+  machine both ranks compile it with ninja (~1 min on 2 cores) and then rendezvous on ``/dev/shm`` segments,
+  an extra way for the job to stall that tests nothing of ours.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = "gloo"
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
         self._init_deepspeed_distributed()
 
     @override

@@ -1,7 +1,9 @@
 """Every component under FSDP (FSDP1), FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo).
 
-One 2-process job (``tests/strategy_matrix_job.py``) runs the whole matrix, because starting the processes
-costs more than the tiny runs. FSDP and DeepSpeed are refused on CPU only by device checks; the job swaps
+One 2-process job (``tests/strategy_matrix_job.py``) per strategy family (FSDP2 + FSDP1, DeepSpeed ZeRO-2 + 3)
+runs its cells, because starting the processes costs more than the tiny runs; each family has its own time
+limit, so a stalled family fails its own cells with the end of its output and leaves the other's standing.
+FSDP and DeepSpeed are refused on CPU only by device checks; the job swaps
 in the test-only shims of ``tests/strategy_shims.py``, whose docstring names the refusing lines:
 ``accelerator_connector.py`` ``_check_strategy_and_fallback`` and ``strategies/fsdp.py`` ``_setup_model``
 (``device_id=None``) for FSDP, ``strategies/deepspeed.py`` ``setup_environment``/``setup_distributed`` for
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +46,47 @@ EXCP = {
 }
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("matrix")
+# Each family's job takes ~40 s on 2 quiet cores; the limit leaves room for a loaded CI machine.
+FAMILIES = (("fsdp2", "fsdp"), ("deepspeed_stage2", "deepspeed_stage3"))
+FAMILY_TIMEOUT_S = 300
+
+
+def _run_family(family: tuple[str, ...], out: Path) -> str | None:
+    """Run one family's job; the failure message (None on success) names the family and ends with its output.
+
+    The job runs in its own session so a timeout kills Lightning's rank-1 child too, not only rank 0.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "MPLBACKEND": "Agg"}
     env.pop("LOCAL_RANK", None)
-    job = [sys.executable, str(REPO_ROOT / "tests" / "strategy_matrix_job.py"), ",".join(STRATEGIES), str(out)]
-    result = subprocess.run(job, capture_output=True, text=True, cwd=out, env=env, timeout=540)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    job = [sys.executable, str(REPO_ROOT / "tests" / "strategy_matrix_job.py"), ",".join(family), str(out)]
+    with subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, env=env,
+                          start_new_session=True) as process:
+        try:
+            output, _ = process.communicate(timeout=FAMILY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            return f"the {'+'.join(family)} job ran past {FAMILY_TIMEOUT_S} s; its output ends:\n{output[-4000:]}"
+    if process.returncode != 0:
+        return f"the {'+'.join(family)} job exited with {process.returncode}; its output ends:\n{output[-4000:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The output folder of the job that ran a strategy's family, running that job on first use."""
+    out = tmp_path_factory.mktemp("matrix")
+    failures: dict[tuple[str, ...], str | None] = {}
+
+    def folder(strategy: str) -> Path:
+        family = next(f for f in FAMILIES if strategy in f)
+        if family not in failures:
+            failures[family] = _run_family(family, out)
+        if failures[family] is not None:
+            pytest.fail(failures[family], pytrace=False)
+        return out
+
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +114,15 @@ def _decay_group_sizes() -> list[int]:
     return [sum(p.ndim >= 2 for p in params), sum(p.ndim < 2 for p in params)]
 
 
-def _cell(matrix: Path, strategy: str, component: str) -> dict[str, Any]:
-    path = matrix / strategy / f"{component}.json"
+def _cell(matrix: Callable[[str], Path], strategy: str, component: str) -> dict[str, Any]:
+    path = matrix(strategy) / strategy / f"{component}.json"
     assert path.is_file(), f"the job wrote no result for {strategy} x {component}"
     return json.loads(path.read_text())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_cell(matrix: Path, one_process: dict[str, Any], strategy: str, component: str) -> None:
+def test_cell(matrix: Callable[[str], Path], one_process: dict[str, Any], strategy: str, component: str) -> None:
     cell = _cell(matrix, strategy, component)
     refusal = REFUSED.get((strategy, component))
     if refusal is not None:
@@ -161,7 +197,7 @@ DEEPSPEED_FILES = {
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_stage2", "deepspeed_stage3"])
-def test_excp_deepspeed_compresses_rotates_and_resumes(matrix: Path, strategy: str) -> None:
+def test_excp_deepspeed_compresses_rotates_and_resumes(matrix: Callable[[str], Path], strategy: str) -> None:
     """ZeRO-2/3 folders hold ExCP files (smaller than the engine's), survive deleting older folders, and resume.
 
     The job fits 4 steps (checkpoints every 2, top-1 + last: step 2's folder is rotated away), deletes the

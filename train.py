@@ -29,6 +29,7 @@ from typing_extensions import override
 from callbacks.config_logging import LogConfigToLoggers
 from common.cli_errors import config_problem, exception_chain, first_line, user_facing_cause
 from common.errors import UserFacingError
+from common.process_group import release_process_group
 
 SHOW_TRACEBACK = "LUMENLM_TRACEBACK"
 HELP_HINT = f"`python train.py fit --help` lists the options; {SHOW_TRACEBACK}=1 shows the traceback"
@@ -227,3 +228,4 @@ def main(args: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    release_process_group()

@@ -227,3 +227,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from common.process_group import release_process_group
+
+    release_process_group()

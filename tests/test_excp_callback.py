@@ -231,6 +231,8 @@ _DDP_SCRIPT = textwrap.dedent(
 
     run(4)
     run(6, ckpt_path=os.path.join(out, "ckpts", "step=4.ckpt"), callbacks=[Report()])
+    from common.process_group import release_process_group
+    release_process_group()
     """
 )
 

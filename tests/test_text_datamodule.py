@@ -91,6 +91,8 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, l
                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                     limit_val_batches=0, callbacks=[Record()])
 trainer.fit(module, datamodule=data)
+from common.process_group import release_process_group
+release_process_group()  # without it, gloo's threads sometimes abort the exit after a finished fit
 """
 
 

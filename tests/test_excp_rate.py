@@ -118,6 +118,13 @@ def test_a_delta_budget_pays_for_small_tensors_first(workloads, tmp_path):
         ({"target_bits_per_param": True}, "is invalid"),
         ({"alpha": -1.0}, "alpha=-1.0 is invalid"),
         ({"entropy_coder": "huffman"}, "entropy_coder='huffman' is invalid"),
+        ({"v_floor": "no"}, "v_floor='no' is invalid: use true or false"),
+        ({"residual": 0}, "residual=0 is invalid: use true or false"),
+        ({"keyframe_interval": "20"}, "keyframe_interval='20' is invalid: use an integer"),
+        ({"threads": 2.0}, "threads=2.0 is invalid: use an integer"),
+        ({"beta": "2"}, "beta='2' is invalid: use a number"),
+        ({"alpha": "5e-5"}, "alpha='5e-5' is invalid: use a number or null"),
+        ({"quantizer": None}, "quantizer=None is invalid: use a string"),
     ],
 )
 def test_bad_rate_settings_are_one_line(kwargs, message):

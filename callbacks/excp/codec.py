@@ -58,6 +58,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+_TYPE_CHECKS: dict[str, tuple[Any, str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (_is_number, "a number"),
+    "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+"""Each field's annotation (a string under postponed evaluation) -> its check and the words for it."""
+
+
 @dataclass(frozen=True)
 class ExCPSettings:
     """Codec settings; stored in every file header so a reader never guesses them.
@@ -150,6 +160,11 @@ class ExCPSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # a YAML "no" or a header's "4" must not pass as truthy or compare as text
+            check, words = _TYPE_CHECKS[str(field.type)]
+            value = getattr(self, field.name)
+            if not check(value):
+                raise UserFacingError(f"ExCP {field.name}={value!r} is invalid: use {words}")
         for name in ("bits_w", "bits_m", "bits_v"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 8:

@@ -167,7 +167,7 @@ class ExCPSettings:
                 raise UserFacingError(f"ExCP {field.name}={value!r} is invalid: use {words}")
         for name in ("bits_w", "bits_m", "bits_v"):
             bits = getattr(self, name)
-            if not isinstance(bits, int) or not 1 <= bits <= 8:
+            if not 1 <= bits <= 8:
                 raise UserFacingError(f"ExCP {name}={bits!r} is invalid: use an integer from 1 to 8")
         for name, choices in CHOICES.items():
             value = getattr(self, name)
@@ -189,9 +189,9 @@ class ExCPSettings:
                 f"ExCP alpha={alpha} and target_bits_per_param={target} are two rate modes: set one of them "
                 "(alpha: null to use the bit budget)"
             )
-        if target is not None and not (_is_number(target) and 0 < target <= 32 and math.isfinite(target)):
+        if target is not None and not (0 < target <= 32 and math.isfinite(target)):
             raise UserFacingError(f"ExCP target_bits_per_param={target!r} is invalid: use a number in (0, 32]")
-        if alpha is not None and not (_is_number(alpha) and alpha > 0 and math.isfinite(alpha)):
+        if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
             raise UserFacingError(f"ExCP alpha={alpha!r} is invalid: use a number > 0 (or null with a bit budget)")
 
     @property

@@ -30,7 +30,11 @@ import pytest
 from common.hf_loading import TINY_LLAMA_CONFIG
 from tests.conftest import REPO_ROOT
 
-STRATEGIES = ("fsdp2", "fsdp", "deepspeed_stage2", "deepspeed_stage3")
+# One 2-process job per family; each family's job takes ~40 s on 2 quiet cores, and the limit leaves room for
+# a loaded CI machine.
+FAMILIES = (("fsdp2", "fsdp"), ("deepspeed_stage2", "deepspeed_stage3"))
+FAMILY_TIMEOUT_S = 300
+STRATEGIES = tuple(strategy for family in FAMILIES for strategy in family)
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
 # Cells refused at setup, with the start of their one-line message; every other cell must work.
 REFUSED = {
@@ -46,11 +50,6 @@ EXCP = {
 }
 
 
-# Each family's job takes ~40 s on 2 quiet cores; the limit leaves room for a loaded CI machine.
-FAMILIES = (("fsdp2", "fsdp"), ("deepspeed_stage2", "deepspeed_stage3"))
-FAMILY_TIMEOUT_S = 300
-
-
 def _run_family(family: tuple[str, ...], out: Path) -> str | None:
     """Run one family's job; the failure message (None on success) names the family and ends with its output.
 
@@ -63,13 +62,12 @@ def _run_family(family: tuple[str, ...], out: Path) -> str | None:
                           start_new_session=True) as process:
         try:
             output, _ = process.communicate(timeout=FAMILY_TIMEOUT_S)
+            problem = None if process.returncode == 0 else f"exited with {process.returncode}"
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
-            return f"the {'+'.join(family)} job ran past {FAMILY_TIMEOUT_S} s; its output ends:\n{output[-4000:]}"
-    if process.returncode != 0:
-        return f"the {'+'.join(family)} job exited with {process.returncode}; its output ends:\n{output[-4000:]}"
-    return None
+            problem = f"ran past {FAMILY_TIMEOUT_S} s"
+    return None if problem is None else f"the {'+'.join(family)} job {problem}; its output ends:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,38 @@ def test_an_alternative_setting_reruns_every_seed_against_the_same_uninterrupted
         assert delta != 0 and abs(delta) < 1  # a run of its own, not the default's lossy run
         assert delta != pytest.approx((pairs[seed][1].final_val - base) / base, rel=1e-9)
     assert out["delta_ratio_median"] > 1 and out["overall_ratio"] > 1
+
+
+def test_a_split_resume_swaps_in_only_the_named_decoded_part():
+    from excp_resume_damage import _with_decoded
+
+    def checkpoint(fill: float) -> dict:
+        state = {
+            0: {"step": torch.tensor(3.0), "exp_avg": torch.full((2,), fill), "exp_avg_sq": torch.full((2,), fill)}
+        }
+        return {"state_dict": {"w": torch.full((2,), fill)}, "optimizer_states": [{"state": state}]}
+
+    exact, decoded = checkpoint(1.0), checkpoint(2.0)
+    weights = _with_decoded(exact, decoded, "weights")
+    assert weights["state_dict"]["w"][0] == 2 and weights["optimizer_states"][0]["state"][0]["exp_avg"][0] == 1
+    m_only = _with_decoded(exact, decoded, "exp_avg")
+    state = m_only["optimizer_states"][0]["state"][0]
+    assert state["exp_avg"][0] == 2 and state["exp_avg_sq"][0] == 1 and m_only["state_dict"]["w"][0] == 1
+    assert exact["optimizer_states"][0]["state"][0]["exp_avg"][0] == 1  # the exact checkpoint is not modified
+
+
+def test_one_resume_is_measured_against_the_uninterrupted_run_on_the_same_batches(workload, tmp_path):
+    from excp_resume_damage import AT_70X, _seed, _summary
+
+    settings = {
+        "lossless-ish": ExCPSettings(threads=2, bits_w=8, bits_m=8, bits_v=8, alpha=1e-12),
+        AT_70X: ExCPSettings(threads=2, target_bits_per_param=1.37, quantizer="uniform"),
+    }
+    seeds = [_seed(workload, seed, settings, workload.interval, 2, tmp_path) for seed in (0, 1)]
+    rows = seeds[0]["settings"]
+    assert rows[AT_70X]["ratio"] > rows["lossless-ish"]["ratio"] > 1
+    assert set(rows[AT_70X]["parts_after_horizon"]) == {"weights only", "m only", "v only"}
+    assert "parts_after_horizon" not in rows["lossless-ish"]
+    summary = _summary(seeds, list(settings))
+    after = [s["settings"][AT_70X]["val_loss_delta_rel_after_horizon"] for s in seeds]
+    assert summary[AT_70X]["val_loss_delta_rel_after_horizon"]["mean"] == pytest.approx(sum(after) / 2)

@@ -77,15 +77,15 @@ def _seed(
     """One seed: every setting's ratio and loss changes, and the 70x setting's parts."""
     coded_step = reference_step + wl.interval
     stop = coded_step + horizon
+    model = wl.build(seed)  # also the evaluation model, and in full mode the pretrained reference
     if reference_step:
         reference = train(wl, seed=seed, stop=reference_step, keep="last").ckpts[-1]
         base = reference["state_dict"]
         run = train(wl, seed=seed, start=reference, stop=coded_step, keep="last")
     else:
-        base = {k: v.detach().clone() for k, v in wl.build(seed).state_dict().items()}
+        base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         run = train(wl, seed=seed, stop=coded_step, keep="last")
     exact = run.ckpts[-1]
-    model = wl.build(seed)
     model.load_state_dict(exact["state_dict"])
     exact_at_resume = evaluate(model, wl)
     exact_after = _loss_after(wl, seed, exact, stop)

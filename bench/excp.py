@@ -78,6 +78,8 @@ TARGETS = {  # the issue's targets; quick mode has only the delta-ratio one
 
 #: Bits per parameter (W+m+v together) of a 70x delta against fp32 W+m+v: 3 x 32 / 70.
 BITS_AT_70X = 1.37
+#: The label of the 70x alternative in the record (its ``alternative_settings`` key).
+SETTING_AT_70X = "fisher k-means 4-bit, 70x budget"
 
 
 def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
@@ -87,7 +89,7 @@ def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
     against uniform levels' +0.61%; uniform 3-bit, 60x at 1.5% over 9 resumes, did worse)."""
     uniform = replace(default, quantizer="uniform")
     at_70x = replace(default, alpha=None, target_bits_per_param=BITS_AT_70X, weight_saliency="fisher")
-    return {"uniform 4-bit": uniform, "fisher k-means 4-bit, 70x budget": at_70x}
+    return {"uniform 4-bit": uniform, SETTING_AT_70X: at_70x}
 
 
 def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:

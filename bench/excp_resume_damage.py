@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +135,40 @@ def _summary(seeds: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class OneResumeRun:
+    """What a one-resume bench was asked for: its arguments, where it writes, and the workload's steps."""
+
+    args: argparse.Namespace
+    out: Path
+    workload: Workload
+    reference_step: int
+    horizon: int
+
+
+def one_resume_run(name: str, description: str) -> OneResumeRun:
+    """Parse a one-resume bench's command line (``--quick``, ``--seeds``, ``--out``) and set its workload.
+
+    The delta is taken against the pretrained weights in full mode and against step ``interval`` from
+    scratch in quick mode, and trained twice its interval after the resume, on 3x the main bench's
+    validation tokens: one resume moves the loss far less than nine.
+    """
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="tiny from-scratch model (about a minute)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/excp_resume_damage[_quick].json)")
+    ap.add_argument("--out", type=Path, help=f"JSON path (default bench/results/{name}[_quick].json)")
     args = ap.parse_args()
-    out = args.out or ROOT / "bench" / "results" / f"excp_resume_damage{'_quick' if args.quick else ''}.json"
+    out = args.out or ROOT / "bench" / "results" / f"{name}{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(THREADS)
-    started = time.perf_counter()
     wl = quick_workload() if args.quick else full_workload()
-    wl = replace(wl, val_batches=3 * wl.val_batches)  # one resume moves the loss far less than nine
-    reference_step = 0 if wl.from_pretrained else wl.interval
-    horizon = 2 * wl.interval
+    wl = replace(wl, val_batches=3 * wl.val_batches)
+    return OneResumeRun(args, out, wl, 0 if wl.from_pretrained else wl.interval, 2 * wl.interval)
+
+
+def main() -> None:
+    started = time.perf_counter()
+    run = one_resume_run("excp_resume_damage", __doc__.splitlines()[0])
+    args, out, wl, reference_step, horizon = run.args, run.out, run.workload, run.reference_step, run.horizon
     settings = _settings()
     tmp = Path(tempfile.mkdtemp(prefix="excp-resume-damage-"))
     seeds = [_seed(wl, seed, settings, reference_step, horizon, tmp) for seed in range(args.seeds)]

@@ -166,3 +166,52 @@ def test_one_resume_is_measured_against_the_uninterrupted_run_on_the_same_batche
     summary = _summary(seeds, list(settings))
     after = [s["settings"][AT_70X]["val_loss_delta_rel_after_horizon"] for s in seeds]
     assert summary[AT_70X]["val_loss_delta_rel_after_horizon"]["mean"] == pytest.approx(sum(after) / 2)
+
+
+def test_momentum_oracle_restores_exact_m_only_where_the_weight_stayed_at_its_reference():
+    from excp_momentum_oracle import exact_m_where_pruned
+
+    names = ["w"]
+    base = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    exact_m = torch.tensor([0.5, 0.6, 0.7])
+    exact = {"optimizer_states": [{"state": {0: {"exp_avg": exact_m.clone()}}}]}
+    decoded = {
+        "state_dict": {"w": torch.tensor([1.0, 2.5, 3.0])},  # entries 0 and 2 pruned, 1 kept
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([0.0, 0.4, 0.0])}}}],
+    }
+    restored, share = exact_m_where_pruned(decoded, exact, base, names)
+    assert restored["optimizer_states"][0]["state"][0]["exp_avg"].tolist() == pytest.approx([0.5, 0.4, 0.7])
+    assert share == pytest.approx(2 / 3)
+    assert decoded["optimizer_states"][0]["state"][0]["exp_avg"][0] == 0  # the decoded checkpoint is untouched
+
+
+def test_own_mask_moments_are_coded_under_m_own_mask_and_cost_their_streams():
+    from excp_momentum_oracle import own_mask_moments
+
+    generator = torch.Generator().manual_seed(0)
+    m = torch.randn(4096, generator=generator)
+    v = torch.rand(4096, generator=generator) + 0.1
+    ckpt = {
+        "state_dict": {"w": torch.randn(4096, generator=generator)},
+        "optimizer_states": [{"state": {0: {"exp_avg": m, "exp_avg_sq": v}}}],
+    }
+    decoded, spent = own_mask_moments(ckpt, ["w"], ExCPSettings(beta=2.0))
+    m_hat, v_hat = decoded[0]["exp_avg"], decoded[0]["exp_avg_sq"]
+    kept = m.abs() > 2.0 * m.abs().mean()
+    assert torch.equal(m_hat != 0, kept)  # m's own mask, not nested in any weight mask
+    assert (m_hat[kept] - m[kept]).abs().mean() < 0.1  # a 4-bit codebook of the survivors (|m| > ~1.6 here)
+    assert torch.all(v_hat[~kept] == v_hat[~kept][0]) and v_hat[~kept][0] > 0  # pruned v decode to the floor
+    assert 0 < spent < 4096 * 8  # far under fp32 m + v
+
+
+def test_momentum_oracle_resumes_each_variant_against_the_same_uninterrupted_run(workload, tmp_path):
+    from excp_momentum_oracle import VARIANTS, _seed
+
+    settings = ExCPSettings(threads=2, alpha=None, target_bits_per_param=1.37, weight_saliency="fisher")
+    row = _seed(workload, 0, settings, workload.interval, 2, tmp_path)
+    deltas = row["val_loss_delta_rel_after_horizon"]
+    assert set(deltas) == set(VARIANTS) and all(abs(d) < 1 for d in deltas.values())
+    assert 0 < row["weight_pruned_share"] < 1
+    assert row["bits_per_param_m_v_own_mask"] > 0 and row["ratio"] > 1
+    charged = row["bits_per_param_m_v_own_mask"] - row["bits_per_param_m_v_file"]
+    assert (row["ratio_with_own_mask_m"] < row["ratio"]) == (charged > 0)

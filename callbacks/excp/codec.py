@@ -90,7 +90,7 @@ class ExCPSettings:
             time to load the last checkpoint and what one lost file takes with it). 20 is chosen from
             the trade-off ``bench/excp.py`` measures (SmolLM2-135M, a keyframe with lossy moments 2.9x,
             deltas ~29x, 2 threads): a long run averages 15x at 10, 20x at 20, 25x at 50, and the
-            slowest load (a segment's last file) takes 26, 50 or 120 s; a run of up to 20 checkpoints
+            slowest load (a segment's last file) takes 28, 55 or 134 s; a run of up to 20 checkpoints
             from pretrained weights then stores no keyframe at all.
         keyframe_moments: ``"lossless"`` or ``"lossy"``: a keyframe's weights are always exact; lossy
             quantizes its Adam moments like a delta's (``bits_m``/``bits_v`` k-means codebooks, nothing
@@ -109,7 +109,7 @@ class ExCPSettings:
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy
             coding, uniform levels make smaller files at the same bits, since most survivors fall in
             the few levels nearest zero (SmolLM2, 4 bits, 9 lossy resumes x 3 seeds: 47.8x against
-            29.1x median delta, loss 0.97% against 0.53% off the uninterrupted runs).
+            29.2x median delta, loss 0.97% against 0.51% off the uninterrupted runs).
         v_log_domain: quantize v in the log domain, k-means centroids and uniform grids alike (v spans
             decades: a linear codebook crushes small v, and decoding a small v to a tiny level makes
             Adam's steps after a resume explode).

@@ -141,3 +141,35 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
         assert r.returncode == code, argv
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("excp: error:"), (argv, r.stderr)
+
+
+def test_inspect_names_the_tensors_kept_exactly_besides_w_m_v(tmp_path, capsys):
+    """AMSGrad's max_exp_avg_sq is as large as v and stored losslessly: inspect says so and gives the
+    ratio against every raw tensor, so a low ratio against W+m+v is not left unexplained."""
+    from callbacks.excp import ExCPEncoder, ExCPSettings
+    from common.atomic import atomic_write_bytes
+
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+    encoder = ExCPEncoder(ExCPSettings(kmeans_sample=256))
+    paths = []
+    for step in (1, 2):
+        model(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt = {"global_step": step, "state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
+        path = tmp_path / f"step{step}.ckpt"
+        encoded = encoder.encode(ckpt, target=path, optimizer_param_names=[["weight", "bias"]])
+        atomic_write_bytes(path, encoded.data)
+        encoder.commit(encoded, path)
+        paths.append(path)
+    capsys.readouterr()
+    assert main(["inspect", str(paths[1]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    exact = info["kept_exactly"]
+    assert exact["largest"][0] == "optimizer_states/0/state/0/max_exp_avg_sq"
+    assert exact["raw_bytes"] >= 64 * 64 * 4  # the weight's max_exp_avg_sq at least
+    assert info["ratio_vs_raw_tensors"] == info["raw_tensor_bytes"] / info["bytes"]
+    assert main(["inspect", str(paths[1])]) == 0
+    text = capsys.readouterr().out
+    assert "kept exactly besides W, m, v" in text and "max_exp_avg_sq" in text and "vs every raw tensor" in text

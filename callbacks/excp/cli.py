@@ -6,8 +6,9 @@
   or folder; ``--base``: the pretrained model a chain started from, when it is not where it was); a
   DeepSpeed checkpoint folder with ExCP files becomes the folder the engine wrote (``DIR/<name>``), which
   DeepSpeed's ``zero_to_fp32.py`` reads (needs the ``deepspeed`` package for its file types).
-* ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity and the chain
-  (every file of the chain is verified; a corrupt ancestor is an error).
+* ``inspect FILE.excp... [--json]``: sizes, ratio, bits/param per stream, sparsity, the tensors kept
+  exactly besides W, m and v (buffers, AMSGrad's ``max_exp_avg_sq``, ...) and the chain (every file of
+  the chain is verified; a corrupt ancestor is an error).
 
 Existing outputs are never replaced, and nothing is written into an input's folder, unless ``--force``;
 an input file is never overwritten. Pickles load with ``weights_only=True`` unless ``--trust-pickles``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +39,7 @@ from callbacks.excp.formats import (
     read_any,
     write_any,
 )
+from callbacks.excp.quantize import dtype_from_name
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 
@@ -262,8 +265,26 @@ def _summary(path: Path) -> dict[str, Any]:
         "bits_per_param": {k: st.get(f"bits_per_param_{k}") for k in ("w", "m", "v")},
         "sparsity": {k: st.get(f"sparsity_{k}") for k in ("w", "m")},
         "tensors": len(h["entries"]),
+        "kept_exactly": _kept_exactly(h),
+        "ratio_vs_raw_tensors": st["raw_tensor_bytes"] / f.size if f.size and st.get("raw_tensor_bytes") else None,
         "settings": h["settings"],
     }
+
+
+def _kept_exactly(header: dict[str, Any]) -> dict[str, Any]:
+    """The tensors a file stores losslessly besides W, m and v: count, raw bytes and the largest.
+
+    They are outside the ratio against fp32 W+m+v, yet can dominate a file (AMSGrad's
+    ``max_exp_avg_sq`` is as large as v), so inspect names them instead of leaving a low ratio unexplained.
+    """
+    sized = sorted(
+        (
+            (math.prod(extra["shape"]) * dtype_from_name(extra["dtype"]).itemsize, "/".join(map(str, extra["path"])))
+            for extra in header.get("extras", [])
+        ),
+        reverse=True,
+    )
+    return {"tensors": len(sized), "raw_bytes": sum(size for size, _ in sized), "largest": [p for _, p in sized[:3]]}
 
 
 def _inspect_paths(inputs: list[Path]) -> list[Path]:
@@ -302,6 +323,13 @@ def _inspect(args: argparse.Namespace) -> None:
             f"  bits/param: {bpp}; sparsity w {r['sparsity']['w']:.3f}, m {r['sparsity']['m']:.3f}\n"
             f"  chain: {' -> '.join(Path(c).name for c in r['chain'])}"
         )
+        exact = r["kept_exactly"]
+        if exact["tensors"]:
+            print(
+                f"  kept exactly besides W, m, v: {exact['tensors']} tensor(s), {exact['raw_bytes'] / 2**20:.2f} MB "
+                f"raw (largest: {', '.join(exact['largest'])}); {r['ratio_vs_raw_tensors']:.1f}x vs every raw "
+                f"tensor ({r['raw_tensor_bytes'] / 2**20:.2f} MB)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

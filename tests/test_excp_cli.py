@@ -173,3 +173,21 @@ def test_inspect_names_the_tensors_kept_exactly_besides_w_m_v(tmp_path, capsys):
     assert main(["inspect", str(paths[1])]) == 0
     text = capsys.readouterr().out
     assert "kept exactly besides W, m, v" in text and "max_exp_avg_sq" in text and "vs every raw tensor" in text
+
+    # crafted headers (checksums recomputed): an unknown dtype is one line, as loading says it; statistics a
+    # header lacks or garbles print as n/a instead of a traceback
+    from tests.excp_crafting import rewrite
+
+    def crafted(name: str, mutate) -> str:
+        path = tmp_path / name
+        atomic_write_bytes(path, rewrite(paths[0].read_bytes(), mutate))
+        return str(path)
+
+    unknown = crafted("dtype.ckpt", lambda h: h["extras"][0].__setitem__("dtype", "float99"))
+    assert main(["inspect", unknown]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "unknown tensor dtype 'float99'" in lines[0]
+    garbled = crafted("stats.ckpt", lambda h: h.__setitem__("stats", {"params": "many", "raw_wmv_bytes": None}))
+    assert main(["inspect", garbled]) == 0
+    text = capsys.readouterr().out
+    assert "n/a vs fp32 W+m+v (n/a), n/a params" in text and "n/a vs every raw tensor (n/a)" in text

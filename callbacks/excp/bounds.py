@@ -17,13 +17,14 @@ from typing import Any
 from callbacks.excp.fileformat import ExCPFile, ExCPFormatError
 from callbacks.excp.quantize import dtype_from_name
 
-__all__ = ["LOSSLESS_SLACK_BYTES", "MAX_LOSSLESS_EXPANSION", "check_lossless_size", "lossless_bytes"]
+__all__ = ["LOSSLESS_SLACK_BYTES", "MAX_LOSSLESS_EXPANSION", "check_lossless_size", "lossless_bytes", "tensor_bytes"]
 
 MAX_LOSSLESS_EXPANSION = 64
 LOSSLESS_SLACK_BYTES = 1 << 20
 
 
-def _tensor_bytes(shape: list[int], dtype: str) -> int:
+def tensor_bytes(shape: list[int], dtype: str) -> int:
+    """Raw bytes of a tensor a header describes (ValueError on an unknown dtype name)."""
     return math.prod(shape) * dtype_from_name(dtype).itemsize
 
 
@@ -35,11 +36,11 @@ def lossless_bytes(header: dict[str, Any]) -> int:
     total = 0
     for entry in header["entries"] if header["kind"] != "twin" else []:
         if entry["w_mode"] == "lossless":
-            total += _tensor_bytes(entry["shape"], entry["dtype"])
+            total += tensor_bytes(entry["shape"], entry["dtype"])
             for key in ("m", "v") if entry.get("moments") != "quantized" else ():
                 if entry.get(key) is not None:
-                    total += _tensor_bytes(entry["shape"], entry[key]["dtype"])
-    return total + sum(_tensor_bytes(extra["shape"], extra["dtype"]) for extra in header["extras"])
+                    total += tensor_bytes(entry["shape"], entry[key]["dtype"])
+    return total + sum(tensor_bytes(extra["shape"], extra["dtype"]) for extra in header["extras"])
 
 
 def check_lossless_size(file: ExCPFile) -> None:

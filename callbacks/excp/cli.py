@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from callbacks.excp.bounds import tensor_bytes
 from callbacks.excp.codec import CHOICES, ExCPSettings
 from callbacks.excp.decoder import decode_sequence, open_chain
 from callbacks.excp.encoder import ExCPEncoder
@@ -39,7 +40,6 @@ from callbacks.excp.formats import (
     read_any,
     write_any,
 )
-from callbacks.excp.quantize import dtype_from_name
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
 
@@ -244,12 +244,24 @@ def _decompress(args: argparse.Namespace) -> None:
         print(f"{src} -> {outputs[src]}")
 
 
+def _stat(stats: dict[str, Any], key: str) -> float | None:
+    """A header statistic as a number, or None when absent or not a finite number (a crafted header)."""
+    value = stats.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _summary(path: Path) -> dict[str, Any]:
     chain = open_chain(path)  # every ancestor read and verified by hash: a corrupt one is an error
     f = chain[-1]
     h = f.header
     st = h.get("stats", {})
-    raw = st.get("raw_wmv_bytes", 0.0)
+    raw, raw_tensors = _stat(st, "raw_wmv_bytes"), _stat(st, "raw_tensor_bytes")
+    try:
+        kept_exactly = _kept_exactly(h)
+    except ValueError as error:  # an unknown dtype name, refused as loading refuses it
+        raise ExCPFormatError(f.path, f"{error} (file is corrupted)") from None
     return {
         "file": str(path),
         "kind": h["kind"],
@@ -259,14 +271,14 @@ def _summary(path: Path) -> dict[str, Any]:
         "chain": [c.path for c in chain],
         "bytes": f.size,
         "raw_wmv_bytes": raw,
-        "raw_tensor_bytes": st.get("raw_tensor_bytes"),
-        "ratio": raw / f.size if f.size else None,
-        "params": st.get("params"),
-        "bits_per_param": {k: st.get(f"bits_per_param_{k}") for k in ("w", "m", "v")},
-        "sparsity": {k: st.get(f"sparsity_{k}") for k in ("w", "m")},
+        "raw_tensor_bytes": raw_tensors,
+        "ratio": raw / f.size if raw is not None and f.size else None,
+        "params": _stat(st, "params"),
+        "bits_per_param": {k: _stat(st, f"bits_per_param_{k}") for k in ("w", "m", "v")},
+        "sparsity": {k: _stat(st, f"sparsity_{k}") for k in ("w", "m")},
         "tensors": len(h["entries"]),
-        "kept_exactly": _kept_exactly(h),
-        "ratio_vs_raw_tensors": st["raw_tensor_bytes"] / f.size if f.size and st.get("raw_tensor_bytes") else None,
+        "kept_exactly": kept_exactly,
+        "ratio_vs_raw_tensors": raw_tensors / f.size if raw_tensors is not None and f.size else None,
         "settings": h["settings"],
     }
 
@@ -276,15 +288,21 @@ def _kept_exactly(header: dict[str, Any]) -> dict[str, Any]:
 
     They are outside the ratio against fp32 W+m+v, yet can dominate a file (AMSGrad's
     ``max_exp_avg_sq`` is as large as v), so inspect names them instead of leaving a low ratio unexplained.
+    Raises ValueError on an unknown dtype name.
     """
     sized = sorted(
         (
-            (math.prod(extra["shape"]) * dtype_from_name(extra["dtype"]).itemsize, "/".join(map(str, extra["path"])))
-            for extra in header.get("extras", [])
+            (tensor_bytes(extra["shape"], extra["dtype"]), "/".join(map(str, extra["path"])))
+            for extra in header["extras"]
         ),
         reverse=True,
     )
     return {"tensors": len(sized), "raw_bytes": sum(size for size, _ in sized), "largest": [p for _, p in sized[:3]]}
+
+
+def _shown(value: float | None, spec: str, unit: str = "", scale: float = 1.0) -> str:
+    """``value / scale`` formatted with ``spec`` and ``unit``, or "n/a" where the header did not give the number."""
+    return "n/a" if value is None else format(value / scale, spec) + unit
 
 
 def _inspect_paths(inputs: list[Path]) -> list[Path]:
@@ -319,16 +337,18 @@ def _inspect(args: argparse.Namespace) -> None:
         bpp = ", ".join(f"{k} {v:.2f}" for k, v in r["bits_per_param"].items() if v)
         print(
             f"{r['file']}: {r['kind']} #{r['chain_index']} ({r['format']}), {r['bytes'] / 2**20:.3f} MB, "
-            f"{r['ratio']:.1f}x vs fp32 W+m+v ({r['raw_wmv_bytes'] / 2**20:.2f} MB), {r['params']:.0f} params\n"
-            f"  bits/param: {bpp}; sparsity w {r['sparsity']['w']:.3f}, m {r['sparsity']['m']:.3f}\n"
+            f"{_shown(r['ratio'], '.1f', 'x')} vs fp32 W+m+v ({_shown(r['raw_wmv_bytes'], '.2f', ' MB', 2**20)}), "
+            f"{_shown(r['params'], '.0f')} params\n"
+            f"  bits/param: {bpp}; sparsity w {_shown(r['sparsity']['w'], '.3f')}, "
+            f"m {_shown(r['sparsity']['m'], '.3f')}\n"
             f"  chain: {' -> '.join(Path(c).name for c in r['chain'])}"
         )
         exact = r["kept_exactly"]
         if exact["tensors"]:
             print(
                 f"  kept exactly besides W, m, v: {exact['tensors']} tensor(s), {exact['raw_bytes'] / 2**20:.2f} MB "
-                f"raw (largest: {', '.join(exact['largest'])}); {r['ratio_vs_raw_tensors']:.1f}x vs every raw "
-                f"tensor ({r['raw_tensor_bytes'] / 2**20:.2f} MB)"
+                f"raw (largest: {', '.join(exact['largest'])}); {_shown(r['ratio_vs_raw_tensors'], '.1f', 'x')} vs "
+                f"every raw tensor ({_shown(r['raw_tensor_bytes'], '.2f', ' MB', 2**20)})"
             )
 
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from excp import SETTING_AT_70X, THREADS, _alternatives  # noqa: E402
-from excp_resume_damage import _loss_after, _spread, one_resume_run  # noqa: E402
-from excp_workload import ChainWriter, Workload, train  # noqa: E402
+from excp_resume_damage import _loss_after, _spread, coded_run, one_resume_run  # noqa: E402
+from excp_workload import ChainWriter, Workload  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
@@ -100,15 +100,8 @@ def exact_m_where_pruned(
 
 
 def _seed(wl: Workload, seed: int, s: ExCPSettings, reference_step: int, horizon: int, tmp: Path) -> dict[str, Any]:
-    coded_step = reference_step + wl.interval
-    stop = coded_step + horizon
-    if reference_step:
-        reference = train(wl, seed=seed, stop=reference_step, keep="last").ckpts[-1]
-        base = reference["state_dict"]
-        run = train(wl, seed=seed, start=reference, stop=coded_step, keep="last")
-    else:
-        base = {k: v.detach().clone() for k, v in wl.build(seed).state_dict().items()}
-        run = train(wl, seed=seed, stop=coded_step, keep="last")
+    stop = reference_step + wl.interval + horizon
+    base, run = coded_run(wl, seed, reference_step)
     exact = run.ckpts[-1]
     exact_after = _loss_after(wl, seed, exact, stop)
     writer = ChainWriter(s, tmp / f"seed{seed}", base, wl.model_desc)
@@ -150,13 +143,7 @@ def main() -> None:
         summary[key] = _spread([r[key] for r in seeds])
     result = {
         "mode": "quick" if args.quick else "full",
-        "workload": (
-            f"{wl.name}; the delta of step {reference_step + wl.interval} against step {reference_step} "
-            f"({'the pretrained weights' if wl.from_pretrained else 'a reference from scratch'}) at the "
-            f"setting {SETTING_AT_70X!r}, resumed three ways and trained {horizon} more steps on the uninterrupted "
-            f"run's batches; {wl.val_batches} validation batches of {wl.batch} x {wl.block} tokens; "
-            f"{args.seeds} seeds (data order)"
-        ),
+        "workload": run.describe(f" at the setting {SETTING_AT_70X!r}", "resumed three ways"),
         "threads": THREADS,
         "settings": s.to_dict(),
         "summary_val_loss_delta_rel_after_horizon": summary,

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from excp import BITS_AT_70X, THREADS  # noqa: E402
-from excp_workload import ChainWriter, Workload, evaluate, full_workload, quick_workload, train  # noqa: E402
+from excp_workload import ChainWriter, Run, Workload, evaluate, full_workload, quick_workload, train  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
@@ -71,20 +71,30 @@ def _loss_after(wl: Workload, seed: int, start: dict[str, Any], stop: int) -> fl
     return train(wl, seed=seed, start=start, stop=stop).final_val
 
 
+def coded_run(
+    wl: Workload, seed: int, reference_step: int, model: torch.nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], Run]:
+    """The chain's reference weights and the run whose last checkpoint, ``interval`` steps on, is coded.
+
+    The reference is step ``reference_step`` of run ``seed``, or at 0 the built model's weights
+    (``model``, when the caller already built it for ``seed``).
+    """
+    coded_step = reference_step + wl.interval
+    if reference_step:
+        reference = train(wl, seed=seed, stop=reference_step, keep="last").ckpts[-1]
+        return reference["state_dict"], train(wl, seed=seed, start=reference, stop=coded_step, keep="last")
+    model = model or wl.build(seed)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return base, train(wl, seed=seed, stop=coded_step, keep="last")
+
+
 def _seed(
     wl: Workload, seed: int, settings: dict[str, ExCPSettings], reference_step: int, horizon: int, tmp: Path
 ) -> dict[str, Any]:
     """One seed: every setting's ratio and loss changes, and the 70x setting's parts."""
-    coded_step = reference_step + wl.interval
-    stop = coded_step + horizon
+    stop = reference_step + wl.interval + horizon
     model = wl.build(seed)  # also the evaluation model, and in full mode the pretrained reference
-    if reference_step:
-        reference = train(wl, seed=seed, stop=reference_step, keep="last").ckpts[-1]
-        base = reference["state_dict"]
-        run = train(wl, seed=seed, start=reference, stop=coded_step, keep="last")
-    else:
-        base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        run = train(wl, seed=seed, stop=coded_step, keep="last")
+    base, run = coded_run(wl, seed, reference_step, model)
     exact = run.ckpts[-1]
     model.load_state_dict(exact["state_dict"])
     exact_at_resume = evaluate(model, wl)
@@ -145,6 +155,17 @@ class OneResumeRun:
     reference_step: int
     horizon: int
 
+    def describe(self, setting: str = "", resumed: str = "resumed") -> str:
+        """The record's ``workload`` words: which delta, how it was resumed and evaluated, how many seeds."""
+        wl, step = self.workload, self.reference_step
+        reference = "the pretrained weights" if wl.from_pretrained else "a reference from scratch"
+        return (
+            f"{wl.name}; the delta of step {step + wl.interval} against step {step} ({reference}){setting}, "
+            f"{resumed} and trained {self.horizon} more steps on the uninterrupted run's batches; "
+            f"{wl.val_batches} validation batches of {wl.batch} x {wl.block} tokens; {self.args.seeds} seeds "
+            "(data order)"
+        )
+
 
 def one_resume_run(name: str, description: str) -> OneResumeRun:
     """Parse a one-resume bench's command line (``--quick``, ``--seeds``, ``--out``) and set its workload.
@@ -174,12 +195,7 @@ def main() -> None:
     seeds = [_seed(wl, seed, settings, reference_step, horizon, tmp) for seed in range(args.seeds)]
     result = {
         "mode": "quick" if args.quick else "full",
-        "workload": (
-            f"{wl.name}; the delta of step {reference_step + wl.interval} against step {reference_step} "
-            f"({'the pretrained weights' if wl.from_pretrained else 'a reference from scratch'}), resumed and "
-            f"trained {horizon} more steps on the uninterrupted run's batches; {wl.val_batches} validation "
-            f"batches of {wl.batch} x {wl.block} tokens; {args.seeds} seeds (data order)"
-        ),
+        "workload": run.describe(),
         "threads": THREADS,
         "settings": {label: s.to_dict() for label, s in settings.items()},
         "summary": _summary(seeds, list(settings)),

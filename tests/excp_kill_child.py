@@ -29,7 +29,10 @@ from callbacks.excp import ExCP, ExCPSettings  # noqa: E402
 
 
 def say(*words: object) -> None:
-    print(*words, flush=True)
+    """One line in one write: ``print`` writes each word separately when PYTHONUNBUFFERED is set, and a
+    kill between two of those writes left the driver a bare "SAVED" line."""
+    sys.stdout.write(" ".join(map(str, words)) + "\n")
+    sys.stdout.flush()
 
 
 class Regression(pl.LightningModule):

@@ -38,7 +38,8 @@ class KillTrial:
 
 def _reader(stream, lines: queue.Queue) -> None:
     for line in stream:
-        lines.put(line.strip())
+        if line.endswith("\n"):  # an unterminated last line is one a kill cut short: not an event
+            lines.put(line.strip())
     lines.put(None)
 
 

@@ -41,3 +41,28 @@ def test_a_trainer_killed_inside_a_save_loses_nothing_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_a_trainer_killed_at_random_instants_loses_nothing(tmp_path):
     _kill_and_audit(tmp_path, kills=8, seed=1)
+
+
+def test_a_line_a_kill_cut_short_is_not_an_event(monkeypatch):
+    """Under PYTHONUNBUFFERED each word of a print was its own write: a kill between them left a bare
+    "SAVED" line, counted as a saved checkpoint with an empty path and then as lost in every later trial."""
+    import io
+    import queue
+
+    from tests.excp_kill_child import say
+    from tests.excp_kill_driver import _reader
+
+    lines: queue.Queue = queue.Queue()
+    _reader(io.StringIO("READY 3\nSAVED /run/step=4.ckpt\nSAVED"), lines)
+    assert [lines.get() for _ in range(3)] == ["READY 3", "SAVED /run/step=4.ckpt", None]
+
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr("sys.stdout", Recorder())
+    say("SAVED", Path("/run/step=4.ckpt"))
+    assert writes == ["SAVED /run/step=4.ckpt\n"]  # one write: a pipe takes it whole or not at all

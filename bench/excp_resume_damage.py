@@ -179,6 +179,8 @@ def one_resume_run(name: str, description: str) -> OneResumeRun:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, help=f"JSON path (default bench/results/{name}[_quick].json)")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: use 1 or more (3 for a seed-to-seed spread)")
     out = args.out or ROOT / "bench" / "results" / f"{name}{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(THREADS)
     wl = quick_workload() if args.quick else full_workload()

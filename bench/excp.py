@@ -15,8 +15,9 @@ Measured in one run, with 2 threads (``ExCPSettings.threads=2``, ``torch.set_num
     bytes vs time to load the last checkpoint);
   * speed: encode / decode MB/s of raw checkpoint tensors over that run's deltas, and on large tensors;
   * alternative settings (uniform levels instead of k-means codebooks; a 70x bit budget with weights
-    ranked by ``|dW| * sqrt(v / mean(v))``): every seed's lossy-resume run again, with its ratios and
-    |final val loss delta| (``alternative_settings``);
+    ranked by ``|dW| * sqrt(v / mean(v))``, split evenly or by the Fisher weight across tensors):
+    every seed's lossy-resume run again, with its ratios and |final val loss delta|
+    (``alternative_settings``);
   * quick mode only: per-checkpoint bytes against torch.save / zstd / byte-grouped zstd; ablations
     (no residual, weight-only pruning, uniform quantization, linear-domain v, raw v in the weight rule,
     2/3/8 bits, zstd layouts only, bit budgets) each resumed from its reconstruction; bits per symbol of
@@ -80,16 +81,23 @@ TARGETS = {  # the issue's targets; quick mode has only the delta-ratio one
 BITS_AT_70X = 1.37
 #: The label of the 70x alternative in the record (its ``alternative_settings`` key).
 SETTING_AT_70X = "fisher k-means 4-bit, 70x budget"
+#: The same budget split across tensors by the Fisher weight (``budget_allocation="fisher"``).
+SETTING_AT_70X_FISHER_SPLIT = "fisher k-means 4-bit, 70x budget, Fisher split across tensors"
 
 
 def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
     """Settings measured over every seed like the default: entropy-coded uniform levels instead of
     k-means codebooks at the default's 4 bits, and a 70x bit budget with weights ranked by the Fisher
     saliency and k-means codebooks (one resume, bench/excp_resume_damage.py: +0.37% after 20 steps
-    against uniform levels' +0.61%; uniform 3-bit, 60x at 1.5% over 9 resumes, did worse)."""
+    against uniform levels' +0.61%; uniform 3-bit, 60x at 1.5% over 9 resumes, did worse), with the
+    budget split evenly across tensors and by the Fisher weight."""
     uniform = replace(default, quantizer="uniform")
     at_70x = replace(default, alpha=None, target_bits_per_param=BITS_AT_70X, weight_saliency="fisher")
-    return {"uniform 4-bit": uniform, SETTING_AT_70X: at_70x}
+    return {
+        "uniform 4-bit": uniform,
+        SETTING_AT_70X: at_70x,
+        SETTING_AT_70X_FISHER_SPLIT: replace(at_70x, budget_allocation="fisher"),
+    }
 
 
 def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:

@@ -35,7 +35,7 @@ from excp import SETTING_AT_70X, THREADS, _alternatives  # noqa: E402
 from excp_resume_damage import _loss_after, _spread, coded_run, one_resume_run  # noqa: E402
 from excp_workload import ChainWriter, Workload  # noqa: E402
 
-from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta  # noqa: E402
+from callbacks.excp.codec import ExCPSettings, decode_param, encode_param_delta, tensor_generator  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 
 VARIANTS = ("decoded", "own-mask m", "exact m where W is pruned")
@@ -54,8 +54,7 @@ def own_mask_moments(
     for index, state in exact["optimizer_states"][0]["state"].items():
         m, v = state["exp_avg"], state["exp_avg_sq"]
         weight = exact["state_dict"][names[index]]
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
-        code = encode_param_delta(weight, None, m, v, s, generator)
+        code = encode_param_delta(weight, None, m, v, s, tensor_generator(s, index))
         assert code.m is not None and code.v is not None
         spent += len(code.m) + len(code.v)
         _, m_hat, v_hat = decode_param(

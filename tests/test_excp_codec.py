@@ -226,7 +226,9 @@ def test_an_unknown_weight_saliency_is_one_line():
         ExCPSettings(weight_saliency="l2")
 
 
-@pytest.mark.parametrize("name", ["weight_saliency", "quantizer", "keyframe_moments", "entropy_coder"])
+@pytest.mark.parametrize(
+    "name", ["weight_saliency", "budget_allocation", "quantizer", "keyframe_moments", "entropy_coder"]
+)
 def test_an_unknown_option_names_the_ones_there_are(name):
     from callbacks.excp.codec import CHOICES
     from common.errors import UserFacingError
@@ -314,9 +316,7 @@ def test_chain_reconstructs_what_encoder_tracked(tmp_path, optim):
         for k in e.recon:
             assert torch.equal(got["state_dict"][k], e.recon[k]), k
         # everything that is not W/m/v round-trips exactly
-        assert (
-            got["global_step"] == ckpt["global_step"] and got["hyper_parameters"] == ckpt["hyper_parameters"]
-        )
+        assert got["global_step"] == ckpt["global_step"] and got["hyper_parameters"] == ckpt["hyper_parameters"]
         assert torch.equal(got["rng"], ckpt["rng"])
         assert got["lr_schedulers"] == ckpt["lr_schedulers"]
         assert torch.equal(got["state_dict"]["counter"], ckpt["state_dict"]["counter"])

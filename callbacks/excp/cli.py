@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.weight_saliency,
         help="what the weight mask ranks: |dW| (the paper) or |dW| * sqrt(v / mean(v))",
     )
+    c.add_argument(
+        "--budget-allocation",
+        choices=CHOICES["budget_allocation"],
+        default=defaults.budget_allocation,
+        help="how --target-bits-per-param is split across tensors: the same for each, or by |dW| * sqrt(v)",
+    )
     d = sub.add_parser("decompress", help="write ExCP files back as .ckpt files / HF folders")
     d.add_argument("inputs", nargs="+", type=Path, help=".excp files and/or DeepSpeed checkpoint folders")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder to write into")
@@ -170,6 +176,7 @@ def _compress(args: argparse.Namespace) -> None:
         cap=args.cap,
         quantizer=args.quantizer,
         weight_saliency=args.weight_saliency,
+        budget_allocation=args.budget_allocation,
     )
     for p in args.inputs:
         if not p.exists():

@@ -39,7 +39,15 @@ from callbacks.excp.quantize import (
 from callbacks.excp.rate import fit_budget
 from common.errors import UserFacingError
 
-__all__ = ["ExCPSettings", "ParamCode", "decode_param", "encode_param_delta", "encode_param_keyframe"]
+__all__ = [
+    "ExCPSettings",
+    "ParamCode",
+    "decode_param",
+    "encode_param_delta",
+    "encode_param_keyframe",
+    "momentum_candidates",
+    "tensor_generator",
+]
 
 
 DEFAULT_ALPHA = 5e-5
@@ -47,6 +55,7 @@ DEFAULT_ALPHA = 5e-5
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "weight_saliency": ("magnitude", "fisher"),
+    "budget_allocation": ("even", "fisher"),
     "quantizer": ("kmeans", "uniform"),
     "keyframe_moments": ("lossless", "lossy"),
     "entropy_coder": CODERS,
@@ -105,6 +114,12 @@ class ExCPSettings:
             normalisation leaves ``alpha`` and the budget rule their meaning). Measured on SmolLM2 (one
             10-step delta, updates pruned, nothing quantized): keeping 10% of the entries cost +1.07%
             validation loss by magnitude and +0.51% by this rank. Tensors without v fall back to magnitude.
+        budget_allocation: how ``target_bits_per_param`` is split across a delta's tensors:
+            ``"even"`` (every tensor the same bits per parameter) or ``"fisher"`` (one threshold on
+            ``|dW| * sqrt(v)`` across all tensors, so bits go where dropping an update costs most loss;
+            :mod:`callbacks.excp.allocation`). Measured against ``"even"`` over 9 lossy resumes on
+            SmolLM2 by ``bench/excp.py`` (``alternative_settings``). Only the budget mode splits a
+            budget, so ``"fisher"`` needs ``target_bits_per_param``.
         quantizer: ``"kmeans"`` (the paper's k-means codebooks) or ``"uniform"`` (evenly spaced
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy
             coding, uniform levels make smaller files at the same bits, since most survivors fall in
@@ -147,6 +162,7 @@ class ExCPSettings:
     residual: bool = True
     momentum_criterion: bool = True
     weight_saliency: str = "magnitude"
+    budget_allocation: str = "even"
     quantizer: str = "kmeans"
     v_log_domain: bool = True
     v_floor: bool = True
@@ -193,6 +209,11 @@ class ExCPSettings:
             raise UserFacingError(f"ExCP target_bits_per_param={target!r} is invalid: use a number in (0, 32]")
         if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
             raise UserFacingError(f"ExCP alpha={alpha!r} is invalid: use a number > 0 (or null with a bit budget)")
+        if self.budget_allocation != "even" and target is None:
+            raise UserFacingError(
+                f"ExCP budget_allocation={self.budget_allocation!r} splits a bit budget: set target_bits_per_param "
+                "(and alpha: null), or leave budget_allocation at 'even'"
+            )
 
     @property
     def weight_alpha(self) -> float:
@@ -356,7 +377,13 @@ def _streams(codes: _Codes) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     return [(key, cb, idx) for key, cb, idx in streams if cb is not None and idx is not None]
 
 
-def _momentum_candidates(m: torch.Tensor | None, s: ExCPSettings) -> torch.Tensor | None:
+def tensor_generator(s: ExCPSettings, position: int) -> torch.Generator:
+    """The RNG of one tensor's samples (k-means, rate ranking): seeded by ``s.seed`` and the tensor's
+    position in the checkpoint, so an encode is reproducible whatever order threads take tensors in."""
+    return torch.Generator().manual_seed(s.seed * 1_000_003 + position)
+
+
+def momentum_candidates(m: torch.Tensor | None, s: ExCPSettings) -> torch.Tensor | None:
     """Where the momentum criterion alone keeps m (all True without it); None without m."""
     if m is None:
         return None
@@ -383,7 +410,7 @@ def _quantize_streams(
     idx_m = idx_v = np.zeros(0, dtype=np.uint8)
     kept_v = torch.zeros(n, dtype=torch.bool)
     kept_m = 0
-    candidates = _momentum_candidates(m, s)
+    candidates = momentum_candidates(m, s)
     if m is not None and candidates is not None:
         mkeep = candidates[wmask]
         cb_m, codes_m = _quantize(m[wmask].float()[mkeep], s.bits_m, s, gen, log_domain=False)
@@ -428,7 +455,7 @@ def _fit_budget(
 
     bits = (s.bits_w, s.bits_m, s.bits_v)
     budget = s.target_bits_per_param * dw.numel()
-    return fit_budget(saliency, _momentum_candidates(m, s), v is not None, budget, bits, quantize, gen)
+    return fit_budget(saliency, momentum_candidates(m, s), v is not None, budget, bits, quantize, gen)
 
 
 def _pruned_mean(v: torch.Tensor, kept: torch.Tensor) -> float:

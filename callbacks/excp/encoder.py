@@ -10,7 +10,7 @@ import copy
 import io
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import zstandard
 
+from callbacks.excp.allocation import split_budget
 from callbacks.excp.bases import base_record
 from callbacks.excp.blockwise8bit import expand_8bit_states
-from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe
+from callbacks.excp.codec import ExCPSettings, ParamCode, encode_param_delta, encode_param_keyframe, tensor_generator
 from callbacks.excp.fileformat import build_file
 from callbacks.excp.quantize import dtype_name, encode_lossless
 from callbacks.excp.rate import SMALL_NUMEL
@@ -37,8 +38,6 @@ from callbacks.excp.threads import intra_op_threads
 
 __all__ = ["Encoded", "ExCPEncoder"]
 
-_MIN_SHARE = 0.01
-"""Bits per parameter the large tensors of a delta get at least, when small ones spent the whole budget."""
 _STAT_KEYS = ("numel", "kept_w", "kept_m", "numel_m", "numel_v", "bytes_w", "bytes_m", "bytes_v")
 
 
@@ -250,7 +249,7 @@ class ExCPEncoder:
             return previous
 
         def code(position: int, entry: ParamEntry, s: ExCPSettings) -> ParamCode:
-            generator = torch.Generator().manual_seed(s.seed * 1_000_003 + position)
+            generator = tensor_generator(s, position)
             moments = (entry.first_moment, entry.second_moment)
             if keyframe and s.keyframe_moments == "lossy" and entry.first_moment is not None:
                 # exact weights (no reference), moments quantized, none pruned but exact zeros
@@ -261,25 +260,27 @@ class ExCPEncoder:
                 entry.weight, reference(entry), *moments, s, generator, v_bias=entry.second_moment_bias
             )
 
-        def code_all(positions: list[int], s: ExCPSettings) -> list[ParamCode]:
-            if s.threads > 1 and len(positions) > 1:
-                with ThreadPoolExecutor(s.threads) as pool:
-                    return list(pool.map(lambda i: code(i, entries[i], s), positions))
-            return [code(i, entries[i], s) for i in positions]
+        def code_all(positions: list[int], setting: Callable[[int], ExCPSettings]) -> list[ParamCode]:
+            if settings.threads > 1 and len(positions) > 1:
+                with ThreadPoolExecutor(settings.threads) as pool:
+                    return list(pool.map(lambda i: code(i, entries[i], setting(i)), positions))
+            return [code(i, entries[i], setting(i)) for i in positions]
 
         everything = list(range(len(entries)))
         if keyframe or settings.target_bits_per_param is None:
-            return code_all(everything, settings)
+            return code_all(everything, lambda _: settings)
         # bit budget: tensors whose cost the budget does not set (small ones keep every residual,
         # new ones are stored losslessly) go first; the rest share what the delta's budget has left
         fixed = [i for i in everything if entries[i].weight.numel() <= SMALL_NUMEL or reference(entries[i]) is None]
         scaled = sorted(set(everything) - set(fixed))
-        codes = dict(zip(fixed, code_all(fixed, settings), strict=True))
+        codes = dict(zip(fixed, code_all(fixed, lambda _: settings), strict=True))
         spent = sum(8 * (len(c.w) + len(c.m or b"") + len(c.v or b"")) for c in codes.values())
         budget = settings.target_bits_per_param * sum(entries[i].weight.numel() for i in everything)
-        left = max(1, sum(entries[i].weight.numel() for i in scaled))
-        share = min(32.0, max(_MIN_SHARE, (budget - spent) / left))
-        codes.update(zip(scaled, code_all(scaled, replace(settings, target_bits_per_param=share)), strict=True))
+        references = [reference(entries[i]) for i in scaled]
+        split = split_budget([entries[i] for i in scaled], references, scaled, budget - spent, settings)
+        shares = dict(zip(scaled, split, strict=True))
+        coded = code_all(scaled, lambda i: replace(settings, target_bits_per_param=shares[i]))
+        codes.update(zip(scaled, coded, strict=True))
         return [codes[i] for i in everything]
 
     def _header(self, coded: _CodedTensors, split: CheckpointSplit, meta: dict[str, Any] | None) -> dict[str, Any]:

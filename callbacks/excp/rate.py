@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["SMALL_NUMEL", "TOLERANCE", "RateModel", "fit_budget"]
+__all__ = ["SMALL_NUMEL", "TOLERANCE", "CostCurve", "RateModel", "cost_curve", "fit_budget"]
 
 Codes = TypeVar("Codes")
 ROUNDS = 6
@@ -107,6 +107,60 @@ def _cost(ranking: _Ranking, n: int, has_v: bool, model: RateModel, bits: tuple[
     return cost
 
 
+@dataclass
+class CostCurve:
+    """A tensor's estimated coded bits (W, m, v) when every entry above a saliency threshold is kept.
+
+    ``thresholds`` are sampled saliencies in decreasing order; ``bits[c]`` is the cost of keeping every
+    entry down to the c-th of them (``bits[0]``: nothing kept). At most :data:`CURVE_POINTS` points,
+    so a delta's curves stay small whatever its size; a threshold between two points reads the cost
+    of the point above it.
+    """
+
+    thresholds: np.ndarray
+    bits: np.ndarray
+
+    def bits_above(self, threshold: float) -> float:
+        """Estimated bits of keeping the entries whose saliency is above ``threshold``."""
+        kept = int(np.searchsorted(-self.thresholds, -threshold, side="left"))
+        return float(self.bits[kept])
+
+
+CURVE_POINTS = 4096
+"""Points of a :class:`CostCurve` (1/4096 of a tensor's sample between points)."""
+
+
+def cost_curve(
+    saliency: torch.Tensor,
+    m_candidates: torch.Tensor | None,
+    has_v: bool,
+    bits: tuple[int, int, int],
+    generator: torch.Generator,
+) -> CostCurve:
+    """The coded cost of a tensor against its saliency threshold, by the order-0 model of :func:`fit_budget`.
+
+    Args:
+        saliency: what the weight mask ranks (1-D, any scale: only the order within the tensor and the
+            thresholds' values matter).
+        m_candidates: where the momentum criterion alone would keep m (1-D bool), or None without m.
+        has_v: whether a second-moment stream follows m's mask.
+        bits: bits per code of the W, m, v streams.
+        generator: RNG of the ranked sample.
+    """
+    ranking = _rank(saliency, m_candidates, generator)
+    cost = _cost(ranking, saliency.numel(), has_v, _first_guess_model(bits), bits)
+    size = ranking.values.numel()
+    if size == 0:
+        return CostCurve(np.zeros(0), cost)
+    picks = np.unique(np.linspace(0, size - 1, min(size, CURVE_POINTS)).round().astype(np.int64))
+    # keeping the entries above values[j] keeps the top j + 1 of the sample: cost index j + 1
+    return CostCurve(ranking.values[picks].double().numpy(), np.concatenate([cost[:1], cost[picks + 1]]))
+
+
+def _first_guess_model(bits: tuple[int, int, int]) -> RateModel:
+    return RateModel(*(math.log2(2**b - 1) - 0.25 for b in bits))  # k-means codes: a bit under log2(k)
+
+
 def _mask(saliency: torch.Tensor, ranking: _Ranking, j: int) -> torch.Tensor:
     """Keep the entries above the j-th largest sampled saliency (all for j = sample size, none for 0)."""
     size = ranking.values.numel()
@@ -145,7 +199,7 @@ def fit_budget(
         return quantize(torch.ones(n, dtype=torch.bool))[0]
     ranking = _rank(saliency, m_candidates, generator)
     size = ranking.values.numel()
-    model = RateModel(*(math.log2(2**b - 1) - 0.25 for b in bits))  # k-means codes: a bit under log2(k)
+    model = _first_guess_model(bits)
     best: tuple[float, Codes] | None = None
     low, high = (0, 0.0), (size + 1, math.inf)  # (sample rank, coded bits) known to fit / not to fit
     within = np.flatnonzero(_cost(ranking, n, has_v, model, bits) <= budget_bits)

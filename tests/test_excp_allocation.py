@@ -3,7 +3,6 @@ cost most loss, still meets the delta's budget, and lowers the Fisher-weighted e
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFile
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
+from tests.adam_series import adam_checkpoints
 
 BITS = (4, 4, 4)
 
@@ -73,22 +73,7 @@ def _checkpoints() -> tuple[list[dict[str, Any]], list[str]]:
         torch.nn.Linear(96, 32),
     )
     net[2].weight.register_hook(lambda grad: grad * 30)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 32, generator=g), torch.randn(256, 32, generator=g)
-    out = []
-    for step in range(1, 9):
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 4 == 0:
-            out.append(
-                copy.deepcopy(
-                    {"global_step": step, "state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
-                )
-            )
-    return out, [name for name, _ in net.named_parameters()]
+    return adam_checkpoints(net, 32, 32, steps=8, every=4)
 
 
 def _encode(settings: ExCPSettings, folder: Path) -> tuple[dict[str, Any], list[Path], dict[str, torch.Tensor]]:

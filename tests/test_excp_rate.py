@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFile
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
+from tests.adam_series import adam_checkpoints
 
 TOLERANCE = 0.03
 """Achieved W+m+v bits per parameter of a delta stay within 3% of the target (measured: within 0.7%)."""
@@ -32,22 +32,7 @@ def _series(loss_scale: float) -> tuple[list[dict[str, Any]], list[str]]:
     net = torch.nn.Sequential(
         torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 16)
     )
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 32, generator=g), torch.randn(256, 16, generator=g)
-    out = []
-    for step in range(1, 13):
-        loss = loss_scale * torch.nn.functional.mse_loss(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 4 == 0:
-            out.append(
-                copy.deepcopy(
-                    {"global_step": step, "state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
-                )
-            )
-    return out, [name for name, _ in net.named_parameters()]
+    return adam_checkpoints(net, 32, 16, steps=12, every=4, loss_scale=loss_scale)
 
 
 def _delta_bits(settings: ExCPSettings, series, names, folder: Path) -> tuple[list[float], list[Path], list[dict]]:

@@ -117,9 +117,11 @@ class ExCPSettings:
         budget_allocation: how ``target_bits_per_param`` is split across a delta's tensors:
             ``"even"`` (every tensor the same bits per parameter) or ``"fisher"`` (one threshold on
             ``|dW| * sqrt(v)`` across all tensors, so bits go where dropping an update costs most loss;
-            :mod:`callbacks.excp.allocation`). Measured against ``"even"`` over 9 lossy resumes on
-            SmolLM2 by ``bench/excp.py`` (``alternative_settings``). Only the budget mode splits a
-            budget, so ``"fisher"`` needs ``target_bits_per_param``.
+            :mod:`callbacks.excp.allocation`). SmolLM2 continued pretraining at 1.37 bits per
+            parameter with Fisher-ranked k-means 4-bit, 9 lossy resumes x 3 seeds: 70.2x median delta
+            at 0.81% validation loss off the uninterrupted runs split by Fisher, 1.10% split evenly;
+            encode 57 against 70 MB/s (``bench/results/excp_smollm2.json``). Only the budget mode
+            splits a budget, so ``"fisher"`` needs ``target_bits_per_param``.
         quantizer: ``"kmeans"`` (the paper's k-means codebooks) or ``"uniform"`` (evenly spaced
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy
             coding, uniform levels make smaller files at the same bits, since most survivors fall in

@@ -125,7 +125,8 @@ def test_header_round_trips_the_mode():
     assert ExCPSettings.from_dict({"alpha": 1e-4}).weight_alpha == 1e-4  # version-1 headers
 
 
-def test_resume_from_a_budget_coded_delta(tiny_model_config, cpu_trainer_kwargs, tmp_path):
+@pytest.mark.parametrize("allocation", ["even", "fisher"])
+def test_resume_from_a_budget_coded_delta(tiny_model_config, cpu_trainer_kwargs, tmp_path, allocation):
     from datamodules.text import TextDataModule
     from lightning_modules.causal_lm import CausalLMModule
 
@@ -133,7 +134,8 @@ def test_resume_from_a_budget_coded_delta(tiny_model_config, cpu_trainer_kwargs,
         return CausalLMModule(model=None, model_config=tiny_model_config, learning_rate=1e-2, warmup_steps=0)
 
     def trainer(folder: Path, steps: int) -> pl.Trainer:
-        excp = ExCP(codec=ExCPSettings(target_bits_per_param=2.0, keyframe_interval=3), print_summary=False)
+        codec = ExCPSettings(target_bits_per_param=2.0, keyframe_interval=3, budget_allocation=allocation)
+        excp = ExCP(codec=codec, print_summary=False)
         mc = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2, save_top_k=-1)
         kw = dict(cpu_trainer_kwargs, enable_checkpointing=True, limit_val_batches=0, max_steps=steps)
         return pl.Trainer(callbacks=[excp, mc], **kw)
@@ -145,6 +147,8 @@ def test_resume_from_a_budget_coded_delta(tiny_model_config, cpu_trainer_kwargs,
     first.fit(module(), datamodule=data())
     delta = tmp_path / "a" / "step=4.ckpt"
     assert is_excp_file(delta)
+    header = ExCPFile.open(delta).header
+    assert header["kind"] == "delta" and header["settings"]["budget_allocation"] == allocation
     ckpt = load_checkpoint(delta)
     assert ckpt["global_step"] == 4 and ckpt["optimizer_states"][0]["state"]
     second = trainer(tmp_path / "b", 6)

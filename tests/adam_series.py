@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,3 +30,13 @@ def adam_checkpoints(
             state = {"global_step": step, "state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
             out.append(copy.deepcopy(state))
     return out, [name for name, _ in net.named_parameters()]
+
+
+def save_as_ckpt_files(series: list[dict[str, Any]], folder: Path) -> list[str]:
+    """Each checkpoint as ``folder/step=N.ckpt`` (what ModelCheckpoint names), for the CLI's inputs."""
+    paths = []
+    for ckpt in series:
+        path = folder / f"step={ckpt['global_step']}.ckpt"
+        torch.save(ckpt, path)
+        paths.append(str(path))
+    return paths

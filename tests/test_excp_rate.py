@@ -16,7 +16,7 @@ from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFile
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
-from tests.adam_series import adam_checkpoints
+from tests.adam_series import adam_checkpoints, save_as_ckpt_files
 
 TOLERANCE = 0.03
 """Achieved W+m+v bits per parameter of a delta stay within 3% of the target (measured: within 0.7%)."""
@@ -160,11 +160,7 @@ def test_cli_compresses_to_a_budget_and_refuses_two_modes(workloads, tmp_path, c
     from callbacks.excp.cli import main
 
     series, _ = workloads[1.0]
-    inputs = []
-    for ckpt in series:
-        path = tmp_path / f"step={ckpt['global_step']}.ckpt"
-        torch.save(ckpt, path)
-        inputs.append(str(path))
+    inputs = save_as_ckpt_files(series, tmp_path)
     out = tmp_path / "out"
     assert main(["compress", *inputs, "-o", str(out), "--target-bits-per-param", "1.5", "--alpha", "1e-4"]) == 1
     assert capsys.readouterr().err.count("\n") == 1

@@ -16,7 +16,7 @@ from callbacks.excp.encoder import ExCPEncoder
 from callbacks.excp.fileformat import ExCPFile
 from common.atomic import atomic_write_bytes
 from common.errors import UserFacingError
-from tests.adam_series import adam_checkpoints
+from tests.adam_series import adam_checkpoints, save_as_ckpt_files
 
 BITS = (4, 4, 4)
 
@@ -32,7 +32,6 @@ def _inputs(v_scales: list[float | None], n: int = 20_000) -> list[AllocationInp
 def _shares(items: list[AllocationInput], budget_per_param: float) -> list[float]:
     numel = [item.dw.numel() for item in items]
     return fisher_shares(
-        len(items),
         numel,
         items.__getitem__,
         budget_per_param * sum(numel),
@@ -129,11 +128,7 @@ def test_cli_passes_the_allocation(tmp_path):
     from callbacks.excp.cli import main
 
     series, _ = _checkpoints()
-    inputs = []
-    for ckpt in series:
-        path = tmp_path / f"step={ckpt['global_step']}.ckpt"
-        torch.save(ckpt, path)
-        inputs.append(str(path))
+    inputs = save_as_ckpt_files(series, tmp_path)
     out = tmp_path / "out"
     args = ["compress", *inputs, "-o", str(out), "--target-bits-per-param", "1.5", "--budget-allocation", "fisher"]
     assert main(args) == 0

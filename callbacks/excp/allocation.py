@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from callbacks.excp.codec import ExCPSettings, momentum_candidates, tensor_generator
-from callbacks.excp.dequantize import compute_dtype
+from callbacks.excp.codec import ExCPSettings, momentum_candidates, tensor_generator, weight_residual
 from callbacks.excp.rate import CostCurve, cost_curve
 from callbacks.excp.split import ParamEntry
 
@@ -52,7 +51,6 @@ class AllocationInput:
 
 
 def fisher_shares(
-    count: int,
     numel: Sequence[int],
     load: Callable[[int], AllocationInput],
     budget_bits: float,
@@ -63,8 +61,7 @@ def fisher_shares(
     """Bits per parameter of each tensor so that one Fisher threshold holds across all of them.
 
     Args:
-        count: number of tensors the budget sizes.
-        numel: their sizes.
+        numel: the sizes of the tensors the budget sizes.
         load: tensor index -> its residual, v and momentum candidates (called once per tensor, so a
             caller never holds every residual at once).
         budget_bits: what the tensors may spend together.
@@ -76,7 +73,7 @@ def fisher_shares(
         One share per tensor, each in [MIN_SHARE, 32], summing (times ``numel``) to the budget unless
         the bounds forbid it.
     """
-    total = sum(numel)
+    count, total = len(numel), sum(numel)
     if count == 0 or total == 0:
         return []
     even = max(MIN_SHARE, min(_MAX_SHARE, budget_bits / total))
@@ -148,10 +145,8 @@ def split_budget(
 
     def load(index: int) -> AllocationInput:
         entry, ref = entries[index], references[index]
-        cd = compute_dtype(entry.weight.dtype)
-        dw = entry.weight.detach().cpu().reshape(-1).to(cd)
-        if s.residual and ref is not None:
-            dw = dw - ref.detach().cpu().reshape(-1).to(cd)
+        assert ref is not None  # a tensor new to the chain is stored losslessly, outside the budget
+        _, dw = weight_residual(entry.weight, ref, s)
         m, v = (None if t is None else t.detach().cpu().reshape(-1) for t in (entry.first_moment, entry.second_moment))
         if v is not None:
             v = v.double() / (entry.second_moment_bias or 1.0)
@@ -163,5 +158,5 @@ def split_budget(
     bits = (s.bits_w, s.bits_m, s.bits_v)
     if s.threads > 1 and len(entries) > 1:
         with ThreadPoolExecutor(s.threads) as pool:
-            return fisher_shares(len(entries), numel, load, budget_bits, bits, generator, pool.map)
-    return fisher_shares(len(entries), numel, load, budget_bits, bits, generator)
+            return fisher_shares(numel, load, budget_bits, bits, generator, pool.map)
+    return fisher_shares(numel, load, budget_bits, bits, generator)

@@ -47,6 +47,7 @@ __all__ = [
     "encode_param_keyframe",
     "momentum_candidates",
     "tensor_generator",
+    "weight_residual",
 ]
 
 
@@ -328,9 +329,7 @@ def encode_param_delta(
         codes = _quantize_streams(None, torch.ones(n, dtype=torch.bool), m, v, s, generator)
         w_blob, recon, w_mode = encode_lossless(w, level=s.lossless_level), w.clone(), "lossless"
     else:
-        cd = compute_dtype(w.dtype)
-        base = ref.detach().cpu().reshape(-1).to(cd) if s.residual else torch.zeros(n, dtype=cd)
-        dw = w.reshape(-1).to(cd) - base
+        base, dw = weight_residual(w, ref, s)
         saliency = _saliency(dw, v, s)
         if s.target_bits_per_param is not None:
             codes = _fit_budget(dw, saliency, m, v, s, generator)
@@ -377,6 +376,15 @@ def _streams(codes: _Codes) -> list[tuple[str, torch.Tensor, np.ndarray]]:
     """(key, codebook, codes) of the W, m, v streams present, in that order (W absent when lossless)."""
     streams = (("w", codes.cb_w, codes.idx_w), ("m", codes.cb_m, codes.idx_m), ("v", codes.cb_v, codes.idx_v))
     return [(key, cb, idx) for key, cb, idx in streams if cb is not None and idx is not None]
+
+
+def weight_residual(w: torch.Tensor, ref: torch.Tensor, s: ExCPSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a delta codes a weight against (its reference, or zeros without ``residual``) and the
+    difference, both 1-D in :func:`compute_dtype`: the rate rules and the budget split rank the same values."""
+    cd = compute_dtype(w.dtype)
+    flat = w.detach().cpu().reshape(-1).to(cd)
+    base = ref.detach().cpu().reshape(-1).to(cd) if s.residual else torch.zeros(flat.numel(), dtype=cd)
+    return base, flat - base
 
 
 def tensor_generator(s: ExCPSettings, position: int) -> torch.Generator:

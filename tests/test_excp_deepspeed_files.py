@@ -114,6 +114,22 @@ def test_folders_are_compressed_chained_and_survive_deleting_older_folders(tmp_p
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]  # no temporary folder left
 
 
+def test_bf16_engines_partition_files_are_compressed_and_restored(tmp_path):
+    """With bf16 on, the engine names its partitions ``bf16_zero_pp_rank_*``: the same fp32 state, coded too."""
+    plain = _engine_files(2, torch.Generator().manual_seed(0))
+    bf16_optim = f"bf16_{OPTIM}"
+    files = {bf16_optim: plain[OPTIM], MODEL: plain[MODEL]}
+    target = _save(DeepSpeedChains(ExCPSettings()), tmp_path / "last.ckpt", 2, files)
+    assert is_excp_file(target / "checkpoint" / bf16_optim) and is_excp_file(target / "checkpoint" / MODEL)
+    into = tmp_path / "restored"
+    into.mkdir()
+    restore_files(target, into, rank=0, world_size=1)
+    restored = torch.load(into / "checkpoint" / bf16_optim, weights_only=False)["optimizer_state_dict"]
+    original = plain[OPTIM]["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+    for got, weight in zip(restored["single_partition_of_fp32_groups"], original, strict=True):
+        assert float((got - weight).norm() / weight.norm()) < 0.05
+
+
 MODEL_STAGE3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 

@@ -2,7 +2,7 @@
 
 The DeepSpeed engine writes one folder per checkpoint (``<dir>/latest``, ``<dir>/<tag>/...``):
 
-* ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (rank ``r``): the flat fp32 master partitions and Adam's
+* ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (rank ``r``): the flat fp32 master partitions and Adam's
   ``exp_avg``/``exp_avg_sq`` of the same partitions (ZeRO-2: ``single_partition_of_fp32_groups`` and
   ``base_optimizer_state``; ZeRO-3: ``fp32_flat_groups`` and the base optimizer's own state dict, see
   :data:`_PARTITION_LAYOUTS`). They become the codec's W, m and v, one entry per parameter group (ZeRO-3:
@@ -73,11 +73,16 @@ def engine_files(folder: Path) -> list[Path]:
 
 
 def owned_files(folder: Path, rank: int) -> list[Path]:
-    """The files rank ``rank`` wrote: its ZeRO partition, and on rank 0 the module states too."""
+    """The files rank ``rank`` wrote: its ZeRO partition, and on rank 0 the module states too.
+
+    With bf16 enabled the engine prefixes the partition files with ``bf16_`` (``_get_zero_ckpt_prefix``):
+    those hold the same fp32 master partitions and moments, and must not be left uncompressed.
+    """
+    partition_prefixes = (f"zero_pp_rank_{rank}_", f"bf16_zero_pp_rank_{rank}_")
     return [
         p
         for p in engine_files(folder)
-        if p.name.startswith(f"zero_pp_rank_{rank}_") or (rank == 0 and p.name.startswith("mp_rank_"))
+        if p.name.startswith(partition_prefixes) or (rank == 0 and p.name.startswith("mp_rank_"))
     ]
 
 

@@ -149,6 +149,29 @@ def test_surrogate_tracks_error_and_freezes_its_weights_for_router_updates():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in sur.parameters())
 
 
+def _weights_to_bf16(module: torch.nn.Module) -> torch.nn.Module:
+    """What DeepSpeed's bf16 mode does to a module: bf16 weights, no autocast (buffers keep float32)."""
+    for param in module.parameters():
+        param.data = param.data.bfloat16()
+    return module
+
+
+def test_routers_and_surrogate_run_with_bf16_weights_and_float32_budgets():
+    """DeepSpeed bf16 casts the weights but not the inputs the routers make (budget encodings, probabilities)."""
+    static = _weights_to_bf16(StaticRouter([0.5, 1.0], num_layers=2, k_mlp=4, k_attn=3))
+    lm, la = static(0.7)
+    assert lm.shape == (2, 4) and la.shape == (2, 3) and lm.dtype == torch.bfloat16
+    dynamic = _weights_to_bf16(DynamicRouter(64, [0.5, 1.0], num_layers=2, k_mlp=4, k_attn=3))
+    lm, _ = dynamic(torch.randn(3, 7, 64, dtype=torch.bfloat16), torch.tensor([0.5, 1.0, 0.7]))
+    assert lm.shape == (3, 1, 2, 4)
+    surrogate = _weights_to_bf16(LossSurrogate(2 * (4 + 3)))
+    pm, pa = torch.softmax(torch.randn(8, 2, 4), -1), torch.softmax(torch.randn(8, 2, 3), -1)
+    loss = surrogate.fit_loss(pm, pa, 2.0 + pm[..., -1].sum(-1))
+    loss.backward()
+    assert torch.isfinite(loss) and surrogate.net[0].weight.grad.dtype == torch.bfloat16
+    assert surrogate(pm, pa).dtype == torch.float32
+
+
 def test_cost_table_roundtrip():
     t = CostTable("params", 3.0, torch.ones(2, 2), torch.ones(2, 3))
     assert CostTable.from_dict(t.to_dict()).full == t.full

@@ -82,9 +82,14 @@ class WidthHead(nn.Module):
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits for features ``x``, which are cast to the weights' dtype.
+
+        The budget encoding is float32 (the trained budgets must not round), while DeepSpeed's bf16 mode
+        casts the weights to bfloat16 and, unlike autocast, leaves the inputs the module makes itself alone.
+        """
         L, km, ka = self.shape
-        out = self.net(x).reshape(*x.shape[:-1], L, km + ka)
+        out = self.net(x.to(self.net[0].weight.dtype)).reshape(*x.shape[:-1], L, km + ka)
         return out[..., :km], out[..., km:]
 
 

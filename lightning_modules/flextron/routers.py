@@ -173,7 +173,11 @@ class LossSurrogate(nn.Module):
 
     def standardized(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
         """The network's output: the loss in units of the remembered spread around the remembered mean."""
-        return self.net(self.features(mlp_probs, attn_probs)).squeeze(-1)
+        return self._net(self.features(mlp_probs, attn_probs))
+
+    def _net(self, features: Tensor) -> Tensor:
+        """The network in its weights' dtype (bf16 under DeepSpeed's bf16 mode), its output in float32."""
+        return self.net(features.to(self.net[0].weight.dtype)).squeeze(-1).float()
 
     def forward(self, mlp_probs: Tensor, attn_probs: Tensor) -> Tensor:
         """Predicted loss in the loss's own unit."""
@@ -209,5 +213,5 @@ class LossSurrogate(nn.Module):
             self.rel_error.fill_(float(self.abs_error / spread) if warm else float("inf"))
         n = self._stored()
         mean, spread = self.loss_stats()
-        score = self.net(self.memory_features[:n]).squeeze(-1)
+        score = self._net(self.memory_features[:n])
         return F.mse_loss(score, (self.memory_losses[:n] - mean) / spread)

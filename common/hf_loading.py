@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     print(f"[lumenlm] converting {gguf_path.name} to float32 safetensors (once, ~40 s); cache: {target}")
     directory, name = str(gguf_path.parent), gguf_path.name
     with torch.device("cpu"):
-        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        loaded = _pretrained_model(directory, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -172,6 +173,22 @@ def _source_kwargs(model: str) -> tuple[str, dict[str, Any]]:
     if model.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {model!r} does not exist: check the path")
     return model, {}
+
+
+def hub_kernels_requested() -> bool:
+    """Whether ``from_pretrained`` may swap layers for Hub kernels: only when ``USE_HUB_KERNELS`` asks for it.
+
+    transformers >= 5.2x kernelizes every ``from_pretrained`` model by default: on CUDA it downloads
+    compiled kernels (``kernels-community/rotary``, ...) from the Hub at load time. That fails on an
+    air-gapped node ("could not verify publisher trust status") and runs code fetched at run time, so
+    here it is opt-in: ``USE_HUB_KERNELS=1`` (transformers' own variable) turns it back on.
+    """
+    return os.environ.get("USE_HUB_KERNELS", "").strip().upper() in {"1", "YES", "TRUE", "ON"}
+
+
+def _pretrained_model(source: str, **kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, Hub kernels off unless asked for (:func:`hub_kernels_requested`)."""
+    return AutoModelForCausalLM.from_pretrained(source, use_kernels=hub_kernels_requested(), **kwargs)
 
 
 def _from_hub(kind: str, loader: Any, source: str, **kwargs: Any) -> Any:
@@ -267,7 +284,7 @@ def load_causal_lm(
         with tempfile.TemporaryDirectory(prefix="lumenlm-quantize-") as folder:
             built.config.save_pretrained(folder)
             save_model(built, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=quant)
+            return _pretrained_model(folder, dtype=torch_dtype, quantization_config=quant)
     if model_config is not None:
         raise ModelLoadError("give `model` or `model_config`, not both")
     source, kwargs = _source_kwargs(model)
@@ -279,5 +296,5 @@ def load_causal_lm(
     quant = _quantization_config(quantization, torch_dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    loaded = _from_hub("model", AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype, **kwargs)
+    loaded = _from_hub("model", _pretrained_model, source, dtype=torch_dtype, **kwargs)
     return loaded

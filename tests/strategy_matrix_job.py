@@ -41,6 +41,8 @@ from tests.strategy_shims import CPUDeepSpeedStrategy, CPUFSDPStrategy  # noqa: 
 
 SHIMS = {"FSDPStrategy": CPUFSDPStrategy, "DeepSpeedStrategy": CPUDeepSpeedStrategy}
 COMPONENTS = ("causal_lm", "flextron", "icl_probe", "honesty_probe")
+# On a GPU the QLoRA variant of the ICL probe is cheap (bitsandbytes' CUDA kernels), so it joins the default cells.
+GPU_COMPONENTS = (*COMPONENTS, "icl_qlora_probe")
 # Checks that only one strategy needs, run after its components (same processes, no extra launch).
 EXTRA_COMPONENTS = {"deepspeed_stage2": ("excp_deepspeed",), "deepspeed_stage3": ("excp_deepspeed",)}
 
@@ -72,7 +74,9 @@ def strategy_from_config(name: str) -> Any:
 
 
 def _precision(name: str) -> str:
-    """32-bit on CPU; on GPUs the shipped config's mixed precision where it sets one."""
+    """32-bit on CPU, on GPUs the shipped config's mixed precision where it sets one; or LUMENLM_MATRIX_PRECISION."""
+    if os.environ.get("LUMENLM_MATRIX_PRECISION"):
+        return os.environ["LUMENLM_MATRIX_PRECISION"]
     trainer = yaml.safe_load((REPO / "configs" / "trainer" / f"{name}.yaml").read_text())["trainer"]
     return "32-true" if ACCELERATOR == "cpu" else trainer.get("precision", "32-true")
 
@@ -166,7 +170,7 @@ def run_flextron(name: str, root: Path) -> dict[str, Any]:
     router = [float(p.detach().float().sum()) for p in module.router.parameters()]
     routers = gather_objects(t, router)
     return {"global_step": t.global_step, "routers_equal": all(r == routers[0] for r in routers),
-            "val_loss_full": float(t.callback_metrics.get("val/loss_full", float("nan")))}
+            "val_loss_full": float(t.callback_metrics.get("val/loss", float("nan")))}
 
 
 def run_icl_probe(name: str, root: Path) -> dict[str, Any]:
@@ -204,7 +208,7 @@ def run_excp_deepspeed(name: str, root: Path) -> dict[str, Any]:
 
 def main() -> None:
     names, out = sys.argv[1].split(","), Path(sys.argv[2])
-    components = sys.argv[3].split(",") if len(sys.argv) > 3 else COMPONENTS
+    components = sys.argv[3].split(",") if len(sys.argv) > 3 else GPU_COMPONENTS if ACCELERATOR == "gpu" else COMPONENTS
     torch.set_num_threads(1)
     for name in names:
         out_dir = out / name
@@ -218,6 +222,10 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001 - recorded for the test to assert on
                 result = {"ok": False, "error": f"{type(error).__name__}: {error}",
                           "traceback": traceback.format_exc()}
+                # Now, before the barrier: a rank that fails alone leaves the others waiting in a collective,
+                # and only its own output can say why.
+                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                print(f"[rank {rank}] {name} x {component} failed:\n{result['traceback']}", file=sys.stderr, flush=True)
             result["seconds"] = round(time.perf_counter() - start, 2)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()

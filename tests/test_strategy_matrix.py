@@ -50,14 +50,16 @@ EXCP = {
 }
 
 
-def _run_family(family: tuple[str, ...], out: Path) -> str | None:
+def _run_family(family: tuple[str, ...], out: Path, components: tuple[str, ...] = ()) -> str | None:
     """Run one family's job; the failure message (None on success) names the family and ends with its output.
 
     The job runs in its own session so a timeout kills Lightning's rank-1 child too, not only rank 0.
+    ``components`` replaces the job's default cells.
     """
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "MPLBACKEND": "Agg"}
     env.pop("LOCAL_RANK", None)
     job = [sys.executable, str(REPO_ROOT / "tests" / "strategy_matrix_job.py"), ",".join(family), str(out)]
+    job += [",".join(components)] if components else []
     with subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, env=env,
                           start_new_session=True) as process:
         try:
@@ -201,18 +203,22 @@ def test_excp_deepspeed_compresses_rotates_and_resumes(matrix: Callable[[str], P
     The job fits 4 steps (checkpoints every 2, top-1 + last: step 2's folder is rotated away), deletes the
     step-4 folder whose delta last.ckpt's chain needs, then resumes from last.ckpt to step 6.
     """
-    cell = _cell(matrix, strategy, "excp_deepspeed")
+    _check_excp_deepspeed_cell(_cell(matrix, strategy, "excp_deepspeed"), strategy, DEEPSPEED_FILES[strategy])
+
+
+def _check_excp_deepspeed_cell(cell: dict[str, Any], strategy: str, engine_files: list[str],
+                               twin_shrink: float = 50) -> None:
     assert cell["ok"], cell.get("traceback", cell)
     assert cell["folders_after_fit"] == ["epoch=0-step=4.ckpt", "last.ckpt"]
     files = cell["files"]
-    assert sorted(files) == DEEPSPEED_FILES[strategy]
+    assert sorted(files) == sorted(engine_files)
     for name, f in files.items():
         assert f["excp"], name
         assert f["chain"] == ["keyframe", "twin", "delta", "twin"], (name, f["chain"])  # step 2, last, step 4, last
         if strategy == "deepspeed_stage3" and "model_states" in name:
             continue  # placeholders and client state only: nothing for a delta to shrink
         assert f["chain_bytes"] < f["plain_bytes"] / 5, (name, f)  # the delta against the engine's own file
-        assert f["bytes"] < f["plain_bytes"] / 50, (name, f)  # last.ckpt: a same-step twin stores no tensors
+        assert f["bytes"] < f["plain_bytes"] / twin_shrink, (name, f)  # last.ckpt: a same-step twin stores no tensors
     cli = cell["cli"]  # `python -m callbacks.excp decompress last.ckpt`: the folder as the engine wrote it
     assert cli["returncode"] == 0 and cli["plain"] and cli["global_step"] == 4, cli
     assert "latest" in cli["files"] and "zero_to_fp32.py" in cli["files"], cli["files"]
@@ -225,3 +231,25 @@ def test_excp_deepspeed_compresses_rotates_and_resumes(matrix: Callable[[str], P
         assert rank["m"] < 0.6 and rank["v"] < 0.9, rank  # moments pruned and quantized, not lost
     assert cell["folders_after_resume"] == ["epoch=0-step=6.ckpt"]
     assert cell["leftover_temporaries"] == []
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_mixed_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped DeepSpeed configs' own precision, bf16-mixed, on the CPU shims (about 40 s on 2 quiet cores).
+
+    bf16 is what GPU users run, and it differs in two ways the 32-bit matrix cannot show: the engine names its
+    partition files ``bf16_zero_pp_rank_*`` (ExCP must compress them too), and it casts the weights to bf16
+    without autocast (Flextron's routers are fed float32 budget encodings).
+    """
+    monkeypatch.setenv("LUMENLM_MATRIX_PRECISION", "bf16-mixed")
+    family = ("deepspeed_stage2", "deepspeed_stage3")
+    failure = _run_family(family, tmp_path, components=("causal_lm", "flextron", "excp_deepspeed"))
+    assert failure is None, failure
+    for strategy in family:
+        cells = {c: json.loads((tmp_path / strategy / f"{c}.json").read_text()) for c in ("causal_lm", "flextron")}
+        assert cells["flextron"]["ok"] and cells["flextron"]["routers_equal"], cells["flextron"].get("traceback")
+        assert cells["causal_lm"]["ok"] and cells["causal_lm"]["resumed_global_step"] == 6, cells["causal_lm"]
+        bf16_names = [f"bf16_{n}" if n.endswith("_optim_states.pt") else n for n in DEEPSPEED_FILES[strategy]]
+        # twin_shrink 25: a bf16 module file is half an fp32 one, while the twin's client state is the same size
+        _check_excp_deepspeed_cell(json.loads((tmp_path / strategy / "excp_deepspeed.json").read_text()), strategy,
+                                   bf16_names, twin_shrink=25)

@@ -10,6 +10,7 @@ its traceback, since a GPU lease is too short to rerun for it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -78,12 +79,20 @@ def build_report(job_out: Path, exit_code: int, wall_seconds: int, device: str, 
 
 
 def main() -> int:
-    job_out, exit_code, wall_seconds, report_path = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    parser = argparse.ArgumentParser(description="the strategy-matrix job's cell files as one GPU-check report")
+    parser.add_argument("job_out", type=Path, help="the job's output folder (<strategy>/<component>.json)")
+    parser.add_argument("exit_code", type=int, help="the job's exit code")
+    parser.add_argument("wall_seconds", type=int, help="how long the job ran")
+    parser.add_argument("report", type=Path, help="where the report JSON goes (written atomically)")
+    args = parser.parse_args()
+    if not args.job_out.is_dir():
+        parser.error(f"{args.job_out} is not a folder: pass the folder the strategy-matrix job wrote")
+    job_out, exit_code, wall_seconds, report_path = args.job_out, args.exit_code, args.wall_seconds, args.report
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report = build_report(job_out, exit_code, wall_seconds, device, torch.__version__)
-    atomic_write_json(Path(report_path), report)
+    atomic_write_json(report_path, report)
     for c in report["cells"]:
         print(f"{c['component']:>14} x {c['strategy']:<17} {c['result']:<8} {c['seconds']}  {c['error'] or ''}"[:200])
     print(f"{report['counts']}; wrote {report_path} ({wall_seconds} s, job exit code {exit_code})")

@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from callbacks.excp import ExCPFormatError, load_checkpoint
 from callbacks.excp.codec import ExCPSettings
 from callbacks.excp.encoder import ExCPEncoder
-from callbacks.excp.entropy import PRECISION, decode_rans, encode_rans, entropy_bits, quantized_frequencies
+from callbacks.excp.entropy import (
+    PRECISION,
+    decode_rans,
+    encode_rans,
+    entropy_bits,
+    quantized_frequencies,
+    symbol_counts,
+)
 from callbacks.excp.fileformat import FORMAT_VERSION, ExCPFile
 from callbacks.excp.quantize import decode_indices, encode_indices
 from common.atomic import atomic_write_bytes
@@ -61,6 +68,14 @@ def test_frequency_table_is_exact_and_constant_streams_skip_rans():
     assert int(freq.sum()) == 2**PRECISION and freq[1] >= 1 and freq[2] == 0 and freq[3] >= 1
     assert encode_rans(np.full(100, 3, np.uint8)) is None
     assert decode_indices(encode_indices(np.full(100, 3, np.uint8)), 100).tolist() == [3] * 100
+
+
+def test_symbol_counts_match_a_direct_count():
+    """The one counting pass the index coder and rANS share: every value up to the largest, empty -> [0]."""
+    rng = np.random.default_rng(0)
+    for codes in (rng.integers(0, 16, 10_000), np.zeros(7, np.int64), np.array([255, 0, 3]), np.zeros(0, np.int64)):
+        stream = codes.astype(np.uint8)
+        assert np.array_equal(symbol_counts(stream), np.bincount(stream, minlength=1))
 
 
 def test_rans_coding_is_pinned():

@@ -26,8 +26,9 @@ import math
 
 import constriction
 import numpy as np
+import torch
 
-__all__ = ["PRECISION", "decode_rans", "encode_rans", "entropy_bits", "quantized_frequencies"]
+__all__ = ["PRECISION", "decode_rans", "encode_rans", "entropy_bits", "quantized_frequencies", "symbol_counts"]
 
 PRECISION = 14
 """Frequencies sum to ``2**PRECISION``: the KL cost of this quantization is far below 0.1% of a stream,
@@ -84,10 +85,28 @@ def _varints(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
-def encode_rans(symbols: np.ndarray) -> bytes | None:
-    """rANS-code a uint8 symbol stream with its own frequencies; None when it has < 2 distinct symbols."""
+def symbol_counts(symbols: np.ndarray) -> np.ndarray:
+    """How often each value 0..max occurs in a uint8 stream (int64; ``[0]`` for an empty one).
+
+    ``torch.bincount`` counts uint8 directly, about twice as fast as ``np.bincount``, which first
+    widens the stream to int64 (28M codes: ~45 against ~95 ms).
+    """
     symbols = np.ascontiguousarray(symbols, dtype=np.uint8).reshape(-1)
-    counts = np.bincount(symbols, minlength=1)
+    if symbols.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    return torch.bincount(torch.from_numpy(symbols)).numpy()
+
+
+def encode_rans(symbols: np.ndarray, counts: np.ndarray | None = None) -> bytes | None:
+    """rANS-code a uint8 symbol stream with its own frequencies; None when it has < 2 distinct symbols.
+
+    Args:
+        symbols: the stream.
+        counts: its :func:`symbol_counts`, when the caller has them already (one pass fewer).
+    """
+    symbols = np.ascontiguousarray(symbols, dtype=np.uint8).reshape(-1)
+    if counts is None:
+        counts = symbol_counts(symbols)
     if np.count_nonzero(counts) < 2:
         return None  # constant streams have a cheaper layout
     freq = quantized_frequencies(counts)

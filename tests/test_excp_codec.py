@@ -398,3 +398,30 @@ def test_weight_rule_bias_corrects_v_with_adams_own_step():
         code = encode_param_delta(dw, ref, m, v, settings, g, v_bias=0.25)
         w2, _, _ = decode_code(code, (n,), torch.float32, ref)
         assert torch.equal(w2 != 0, dw.abs() > dw.abs().median() * factor)
+
+
+def test_quantized_streams_nest_at_the_masks_positions():
+    """W codes sit exactly at the weight mask, m's one per weight survivor where the momentum criterion
+    holds, v's at m's survivors: the positional gathers keep the boolean masks' order and nesting."""
+    from callbacks.excp.codec import _quantize_streams, momentum_candidates
+    from callbacks.excp.quantize import assign
+
+    g = torch.Generator().manual_seed(0)
+    n = 50_000
+    dw, m = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    v = torch.rand(n, generator=g) + 0.1
+    wmask = torch.rand(n, generator=g) < 0.2
+    s = ExCPSettings()
+    candidates = momentum_candidates(m, s)
+    codes = _quantize_streams(dw, wmask, m, v, candidates, s, torch.Generator().manual_seed(1))
+    assert codes.idx_w is not None and codes.cb_w is not None
+    assert np.array_equal(codes.idx_w != 0, wmask.numpy())
+    # each survivor carries the code of its own value's nearest centroid (the order was kept)
+    assert np.array_equal(codes.idx_w[codes.idx_w != 0] - 1, assign(dw[wmask], codes.cb_w).numpy())
+    assert np.array_equal(codes.idx_m != 0, candidates[wmask].numpy())
+    assert codes.cb_m is not None
+    assert np.array_equal(codes.idx_m[codes.idx_m != 0] - 1, assign(m[wmask & candidates], codes.cb_m).numpy())
+    assert torch.equal(codes.kept_v, wmask & candidates)
+    assert codes.kept_w == int(wmask.sum()) and codes.kept_m == int((wmask & candidates).sum())
+    assert codes.idx_v.size == codes.kept_m and codes.cb_v is not None
+    assert np.array_equal(codes.idx_v - 1, assign(v[codes.kept_v], codes.cb_v, log_domain=True).numpy())

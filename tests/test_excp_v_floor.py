@@ -38,3 +38,18 @@ def test_without_the_floor_pruned_v_is_zero():
     assert code.v_floor == 0.0
     _, m, decoded_v = _decode(code, ref, 0.0)
     assert torch.all(decoded_v[m == 0] == 0)
+
+
+def test_the_floor_of_a_tensor_spanning_several_slices_is_the_mean_of_its_pruned_entries():
+    """The mean is summed slice by slice (no copy of a whole large tensor): the same value as one mean,
+    including a slice where everything is kept and the all-kept tensor (0.0)."""
+    from callbacks.excp.codec import _PRUNED_SLICE, _pruned_mean
+
+    generator = torch.Generator().manual_seed(0)
+    n = 2 * _PRUNED_SLICE + 12_345
+    v = torch.rand(n, generator=generator) * 1e-6
+    kept = torch.rand(n, generator=generator) < 0.1
+    kept[_PRUNED_SLICE : 2 * _PRUNED_SLICE] = True  # a whole slice kept
+    expected = float(v[~kept].double().mean())
+    assert abs(_pruned_mean(v, kept) - expected) <= 1e-12 * expected
+    assert _pruned_mean(v, torch.ones(n, dtype=torch.bool)) == 0.0

@@ -26,18 +26,12 @@ def _inputs(v_scales: list[float | None], n: int = 20_000) -> list[AllocationInp
     g = torch.Generator().manual_seed(0)
     dw, m = torch.randn(n, generator=g), torch.randn(n, generator=g)
     v = torch.rand(n, generator=g) + 0.5
-    return [AllocationInput(dw, None if s is None else v * s, m.abs() > 2 * m.abs().mean()) for s in v_scales]
+    return [AllocationInput(n, dw, None if s is None else v * s, m.abs() > 2 * m.abs().mean()) for s in v_scales]
 
 
 def _shares(items: list[AllocationInput], budget_per_param: float) -> list[float]:
-    numel = [item.dw.numel() for item in items]
-    return fisher_shares(
-        numel,
-        items.__getitem__,
-        budget_per_param * sum(numel),
-        BITS,
-        lambda i: torch.Generator().manual_seed(i),
-    )
+    numel = [item.numel for item in items]
+    return fisher_shares(numel, items.__getitem__, budget_per_param * sum(numel), BITS)
 
 
 def test_bits_follow_the_fisher_weight_and_the_budget_is_kept():
@@ -133,3 +127,38 @@ def test_cli_passes_the_allocation(tmp_path):
     args = ["compress", *inputs, "-o", str(out), "--target-bits-per-param", "1.5", "--budget-allocation", "fisher"]
     assert main(args) == 0
     assert ExCPFile.open(out / "step=8.excp").header["settings"]["budget_allocation"] == "fisher"
+
+
+def test_the_split_ranks_exactly_the_entries_the_coder_will(monkeypatch):
+    """The Fisher split computes saliencies only at the positions the coder's threshold search samples
+    (same RNG, same draws): they must equal the whole tensor's saliency there, and the momentum
+    candidates the whole tensor's criterion there."""
+    from callbacks.excp import allocation
+    from callbacks.excp.codec import momentum_candidates, tensor_generator
+    from callbacks.excp.rate import SAMPLE, sample_positions
+    from callbacks.excp.split import ParamEntry
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * SAMPLE + 5
+    weight, ref, m = (torch.randn(n, generator=g) for _ in range(3))
+    v = torch.rand(n, generator=g) + 0.1
+    small = torch.randn(4096, generator=g)  # smaller than a sample: every entry is ranked
+    entries = [
+        ParamEntry("big", weight, m, v, None, None, second_moment_bias=0.5),
+        ParamEntry("small", small, small.clone(), small.abs(), None, None, second_moment_bias=0.5),
+    ]
+    seen = []
+    real_curve = allocation.cost_curve
+    monkeypatch.setattr(
+        allocation,
+        "cost_curve",
+        lambda sample, cand, *rest: seen.append((sample, cand)) or real_curve(sample, cand, *rest),
+    )
+    s = ExCPSettings(target_bits_per_param=1.0, weight_saliency="fisher", budget_allocation="fisher", seed=3)
+    allocation.split_budget(entries, [ref, small - 0.01], [7, 8], 1.0 * (n + 4096), s)
+    at = sample_positions(n, tensor_generator(s, 7))
+    assert at is not None
+    whole = (weight - ref).abs().double() * (v.double() / 0.5).sqrt()
+    assert torch.equal(seen[0][0], whole[at])
+    assert torch.equal(seen[0][1], momentum_candidates(m, s)[at])
+    assert seen[1][0].numel() == 4096

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from callbacks.excp.codec import ExCPSettings, momentum_candidates, tensor_generator, weight_residual
-from callbacks.excp.rate import CostCurve, cost_curve
+from callbacks.excp.rate import CostCurve, cost_curve, sample_positions
 from callbacks.excp.split import ParamEntry
 
 __all__ = ["MIN_SHARE", "AllocationInput", "fisher_shares", "split_budget"]
@@ -39,12 +39,15 @@ _BISECTIONS = 64
 
 @dataclass
 class AllocationInput:
-    """What the split needs to know of one tensor the budget sizes.
+    """What the split needs to know of one tensor the budget sizes, at the entries its threshold search
+    ranks (:func:`~callbacks.excp.rate.sample_positions`; every entry of a small tensor).
 
-    ``dw`` is the residual against the reference (1-D), ``v`` Adam's bias-corrected second moment
-    (1-D, or None), ``m_candidates`` where the momentum criterion alone would keep m (or None without m).
+    ``numel`` is the whole tensor's size, ``dw`` the residual against the reference (1-D), ``v`` Adam's
+    bias-corrected second moment (1-D, or None), ``m_candidates`` where the momentum criterion alone
+    would keep m (or None without m), all three at those entries.
     """
 
+    numel: int
     dw: torch.Tensor
     v: torch.Tensor | None
     m_candidates: torch.Tensor | None
@@ -55,18 +58,15 @@ def fisher_shares(
     load: Callable[[int], AllocationInput],
     budget_bits: float,
     bits: tuple[int, int, int],
-    generator_for: Callable[[int], torch.Generator],
     map_fn: Callable[[Callable[[int], CostCurve | None], Iterable[int]], Iterable[CostCurve | None]] = map,
 ) -> list[float]:
     """Bits per parameter of each tensor so that one Fisher threshold holds across all of them.
 
     Args:
         numel: the sizes of the tensors the budget sizes.
-        load: tensor index -> its residual, v and momentum candidates (called once per tensor, so a
-            caller never holds every residual at once).
+        load: tensor index -> its sampled residual, v and momentum candidates (called once per tensor).
         budget_bits: what the tensors may spend together.
         bits: bits per code of the W, m, v streams.
-        generator_for: tensor index -> the RNG of its ranked sample.
         map_fn: how the per-tensor curves are computed (``map``, or a thread pool's).
 
     Returns:
@@ -83,7 +83,7 @@ def fisher_shares(
         if item.v is None or item.v.numel() != item.dw.numel():
             return None
         saliency = item.dw.abs().double() * item.v.double().clamp_min(0).sqrt()
-        return cost_curve(saliency, item.m_candidates, True, bits, generator_for(index))
+        return cost_curve(saliency, item.m_candidates, item.numel, True, bits)
 
     curves = list(map_fn(curve, range(count)))
     with_v = [i for i in range(count) if curves[i] is not None]
@@ -146,17 +146,28 @@ def split_budget(
     def load(index: int) -> AllocationInput:
         entry, ref = entries[index], references[index]
         assert ref is not None  # a tensor new to the chain is stored losslessly, outside the budget
-        _, dw = weight_residual(entry.weight, ref, s)
-        m, v = (None if t is None else t.detach().cpu().reshape(-1) for t in (entry.first_moment, entry.second_moment))
-        if v is not None:
-            v = v.double() / (entry.second_moment_bias or 1.0)
-        return AllocationInput(dw, v, momentum_candidates(m, s))
+        # only the entries the coder's threshold search will rank (the same draws from the same RNG):
+        # every value below is elementwise, so it equals the whole tensor's at those positions
+        at = sample_positions(numel[index], tensor_generator(s, positions[index]))
 
-    def generator(index: int) -> torch.Generator:
-        return tensor_generator(s, positions[index])
+        def sampled(t: torch.Tensor | None) -> torch.Tensor | None:
+            flat = None if t is None else t.detach().cpu().reshape(-1)
+            return flat if flat is None or at is None else flat[at]
+
+        w, m, v = entry.weight, entry.first_moment, entry.second_moment
+        _, dw = weight_residual(sampled(w), sampled(ref), s)  # type: ignore[arg-type]
+        candidates = momentum_candidates(None if m is None else m.detach().cpu().reshape(-1), s)
+        if candidates is not None and at is not None:
+            candidates = candidates[at]
+        if v is not None and v.numel() != numel[index]:
+            v = None  # a v that does not match its weight has no Fisher meaning: the even share
+        v_sample = sampled(v)
+        if v_sample is not None:
+            v_sample = v_sample.double() / (entry.second_moment_bias or 1.0)
+        return AllocationInput(numel[index], dw, v_sample, candidates)
 
     bits = (s.bits_w, s.bits_m, s.bits_v)
     if s.threads > 1 and len(entries) > 1:
         with ThreadPoolExecutor(s.threads) as pool:
-            return fisher_shares(numel, load, budget_bits, bits, generator, pool.map)
-    return fisher_shares(numel, load, budget_bits, bits, generator)
+            return fisher_shares(numel, load, budget_bits, bits, pool.map)
+    return fisher_shares(numel, load, budget_bits, bits)

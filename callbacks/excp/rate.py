@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["SMALL_NUMEL", "TOLERANCE", "CostCurve", "RateModel", "cost_curve", "fit_budget"]
+__all__ = ["SMALL_NUMEL", "TOLERANCE", "CostCurve", "RateModel", "cost_curve", "fit_budget", "sample_positions"]
 
 Codes = TypeVar("Codes")
 ROUNDS = 6
@@ -75,15 +75,27 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
     return np.nan_to_num(h, nan=0.0)
 
 
+def sample_positions(numel: int, generator: torch.Generator) -> torch.Tensor | None:
+    """The positions a tensor's threshold search ranks: :data:`SAMPLE` drawn at random from a larger
+    tensor, None (every entry) from a smaller one. A caller that needs the ranked values only (the
+    budget split) computes them at these positions instead of over the whole tensor."""
+    return torch.randint(0, numel, (SAMPLE,), generator=generator) if numel > SAMPLE else None
+
+
 def _rank(saliency: torch.Tensor, m_candidates: torch.Tensor | None, generator: torch.Generator) -> _Ranking:
-    n = saliency.numel()
-    pick = torch.randint(0, n, (SAMPLE,), generator=generator) if n > SAMPLE else None
-    a = saliency if pick is None else saliency[pick]
+    pick = sample_positions(saliency.numel(), generator)
+    if pick is None:
+        return _rank_sample(saliency, m_candidates)
+    return _rank_sample(saliency[pick], None if m_candidates is None else m_candidates[pick])
+
+
+def _rank_sample(a: torch.Tensor, m_candidates: torch.Tensor | None) -> _Ranking:
+    """The ranking of already sampled saliencies (and the momentum candidates at the same entries)."""
     order = torch.argsort(a, descending=True, stable=True)
     q = np.arange(a.numel() + 1, dtype=np.float64) / a.numel()
     r = None
     if m_candidates is not None:
-        c = (m_candidates if pick is None else m_candidates[pick])[order]
+        c = m_candidates[order]
         r = np.concatenate([[0.0], np.cumsum(c.numpy(), dtype=np.float64)]) / a.numel()
     return _Ranking(a[order], q, r)
 
@@ -131,24 +143,26 @@ CURVE_POINTS = 4096
 
 
 def cost_curve(
-    saliency: torch.Tensor,
+    sample: torch.Tensor,
     m_candidates: torch.Tensor | None,
+    numel: int,
     has_v: bool,
     bits: tuple[int, int, int],
-    generator: torch.Generator,
 ) -> CostCurve:
     """The coded cost of a tensor against its saliency threshold, by the order-0 model of :func:`fit_budget`.
 
     Args:
-        saliency: what the weight mask ranks (1-D, any scale: only the order within the tensor and the
-            thresholds' values matter).
-        m_candidates: where the momentum criterion alone would keep m (1-D bool), or None without m.
+        sample: what the weight mask ranks (any scale: only the order within the tensor and the
+            thresholds' values matter) at the tensor's :func:`sample_positions` (every entry when those
+            are None): a curve needs no more, and the whole tensor's saliency costs passes over all of it.
+        m_candidates: where the momentum criterion alone would keep m, at the same entries (1-D bool),
+            or None without m.
+        numel: the size of the whole tensor.
         has_v: whether a second-moment stream follows m's mask.
         bits: bits per code of the W, m, v streams.
-        generator: RNG of the ranked sample.
     """
-    ranking = _rank(saliency, m_candidates, generator)
-    cost = _cost(ranking, saliency.numel(), has_v, _first_guess_model(bits), bits)
+    ranking = _rank_sample(sample, m_candidates)
+    cost = _cost(ranking, numel, has_v, _first_guess_model(bits), bits)
     size = ranking.values.numel()
     if size == 0:
         return CostCurve(np.zeros(0), cost)

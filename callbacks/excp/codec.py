@@ -100,7 +100,7 @@ class ExCPSettings:
             time to load the last checkpoint and what one lost file takes with it). 20 is chosen from
             the trade-off ``bench/excp.py`` measures (SmolLM2-135M, a keyframe with lossy moments 2.9x,
             deltas ~29x, 2 threads): a long run averages 15x at 10, 20x at 20, 25x at 50, and the
-            slowest load (a segment's last file) takes 31, 59 or 145 s; a run of up to 20 checkpoints
+            slowest load (a segment's last file) takes 32, 58 or 138 s; a run of up to 20 checkpoints
             from pretrained weights then stores no keyframe at all.
         keyframe_moments: ``"lossless"`` or ``"lossy"``: a keyframe's weights are always exact; lossy
             quantizes its Adam moments like a delta's (``bits_m``/``bits_v`` k-means codebooks, nothing
@@ -121,7 +121,7 @@ class ExCPSettings:
             :mod:`callbacks.excp.allocation`). SmolLM2 continued pretraining at 1.37 bits per
             parameter with Fisher-ranked k-means 4-bit, 9 lossy resumes x 3 seeds: 70.2x median delta
             at 0.81% validation loss off the uninterrupted runs split by Fisher, 1.10% split evenly;
-            encode 57 against 70 MB/s (``bench/results/excp_smollm2.json``). Only the budget mode
+            encode 92 against 112 MB/s (``bench/results/excp_smollm2.json``). Only the budget mode
             splits a budget, so ``"fisher"`` needs ``target_bits_per_param``.
         quantizer: ``"kmeans"`` (the paper's k-means codebooks) or ``"uniform"`` (evenly spaced
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy

@@ -17,13 +17,16 @@ Measured in one run, with 2 threads (``ExCPSettings.threads=2``, ``torch.set_num
   * alternative settings (uniform levels instead of k-means codebooks; a 70x bit budget with weights
     ranked by ``|dW| * sqrt(v / mean(v))``, split evenly or by the Fisher weight across tensors):
     every seed's lossy-resume run again, with its ratios and |final val loss delta|
-    (``alternative_settings``);
+    (``alternative_settings``). Quick mode measures all of them; full mode only the one at the paper's
+    ratio (the 70x budget split by the Fisher weight), so that it finishes within an hour on 2 cores;
+    ``--extra-settings`` measures the others against fresh uninterrupted runs in a record of their own;
   * quick mode only: per-checkpoint bytes against torch.save / zstd / byte-grouped zstd; ablations
     (no residual, weight-only pruning, uniform quantization, linear-domain v, raw v in the weight rule,
     2/3/8 bits, zstd layouts only, bit budgets) each resumed from its reconstruction; bits per symbol of
     every code stream against its entropy (bench/excp_streams.py); bits per parameter under alpha vs a bit budget at
     gradient scales 0.01, 1 and 100.
-Writes bench/results/excp.json (quick) or excp_smollm2.json (full), and a PNG beside it.
+Writes bench/results/excp.json (quick), excp_smollm2.json (full) or excp_smollm2_extra_settings.json
+(``--extra-settings``), and a PNG beside each.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from excp_plot import plot  # noqa: E402
+from excp_plot import plot, plot_settings  # noqa: E402
 from excp_quality import ablation_resumes, resume_quality  # noqa: E402
 from excp_storage import (  # noqa: E402
     encode_series,
@@ -98,6 +101,22 @@ def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
         SETTING_AT_70X: at_70x,
         SETTING_AT_70X_FISHER_SPLIT: replace(at_70x, budget_allocation="fisher"),
     }
+
+
+#: The alternatives full mode measures beside the default; ``--extra-settings`` measures the rest. Each costs
+#: every seed's lossy run again (~17 min on 2 cores): all of them in one run would take ~80 min.
+FULL_MODE_ALTERNATIVES = (SETTING_AT_70X_FISHER_SPLIT,)
+
+
+def _alternatives_for(mode: str, default: ExCPSettings) -> dict[str, ExCPSettings]:
+    """The alternative settings a run of ``mode`` ("quick", "full" or "extra") measures."""
+    every = _alternatives(default)
+    if mode == "quick":
+        return every
+    in_full = {label: every[label] for label in FULL_MODE_ALTERNATIVES}
+    if mode == "full":
+        return in_full
+    return {label: settings for label, settings in every.items() if label not in in_full}
 
 
 def _variants(default: ExCPSettings) -> dict[str, ExCPSettings]:
@@ -206,6 +225,51 @@ def _resumes_with(
     return out
 
 
+def _extra_settings(wl: Workload, settings: dict[str, ExCPSettings], seeds: int, out: Path, tmp: Path) -> None:
+    """Full mode's other alternative ``settings``, each over every seed's lossy-resume run, against
+    uninterrupted runs trained afresh here (the same seeds and data orders as the main record's)."""
+    torch.set_num_threads(THREADS)
+    t_start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    print(f"workload: {wl.name}, {wl.steps} steps, checkpoint every {wl.interval}; settings: {', '.join(settings)}")
+    timings: dict[str, float] = {}
+    pairs: dict[int, tuple[Any, Any]] = {}
+    for seed in range(seeds):
+        started = time.perf_counter()
+        pairs[seed] = (train(wl, seed=seed), None)
+        timings[f"uninterrupted_run_seed{seed}_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    alternatives = {label: _resumes_with(wl, pairs, s, label, tmp) for label, s in settings.items()}
+    timings["alternative_settings_s"] = time.perf_counter() - started
+    finals = [base.final_val for base, _ in pairs.values()]
+    result: dict[str, Any] = {
+        "mode": "full, extra settings",
+        "workload": f"{wl.name}; {wl.steps} steps, a checkpoint every {wl.interval}, {seeds} seeds; the chain "
+        f"starts from {wl.describe()['chain_start']}; shrunk: {wl.shrunk or 'nothing'}",
+        "workload_details": wl.describe(),
+        "threads": THREADS,
+        "main_record": "bench/results/excp_smollm2.json: the default and the setting at the paper's ratio, "
+        "on the same workload and seeds",
+        "final_val_uninterrupted_per_seed": finals,
+        "alternative_settings": alternatives,
+        "machine": _machine(load_at_start),
+        "timings_s": timings,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    atomic_write_json(out, result)
+    plot_settings(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_s']:.0f} s")
+
+
+def _machine(load_at_start: float) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor(),
+        "load_average_1m_at_start_and_end": [load_at_start, os.getloadavg()[0]],
+    }
+
+
 def _read_record(path: Path, purpose: str) -> dict[str, Any]:
     """A record this bench wrote, or one line saying why it cannot be used for ``purpose``."""
     import json
@@ -243,6 +307,9 @@ def _replot(path: Path) -> None:
     from excp_workload import Run
 
     result = _read_record(path, "replot")
+    if "lossy_resume" not in result and "alternative_settings" in result:  # an --extra-settings record
+        plot_settings(result, path.with_suffix(".png"))
+        return
     try:
         pairs = {
             r["seed"]: (Run([], val=r["val_uninterrupted"]), Run([], val=r["val_lossy"], resumes=r["resumes"]))
@@ -287,8 +354,22 @@ def main() -> None:
         help="full mode: recompose the keyframe-interval estimate of an existing record from its measured "
         "parts (no training), e.g. after a fix to that estimate",
     )
+    ap.add_argument(
+        "--extra-settings",
+        action="store_true",
+        help="full mode: measure the alternative settings the main record leaves out (uniform 4-bit, the 70x "
+        "budget split evenly) against fresh uninterrupted runs (~45 min on 2 cores)",
+    )
     ap.add_argument("--replot", action="store_true", help="redraw the PNG of an existing record (no training)")
     args = ap.parse_args()
+    if args.extra_settings and (args.quick or args.recompute_tradeoff or args.replot):
+        ap.error("--extra-settings is a full-mode run of its own: drop --quick, --recompute-tradeoff and --replot")
+    if args.extra_settings:
+        out = args.out or ROOT / "bench" / "results" / "excp_smollm2_extra_settings.json"
+        with tempfile.TemporaryDirectory(prefix="excp-bench-extra-") as tmp:  # GBs of ExCP files
+            default = ExCPSettings(threads=THREADS, keyframe_moments="lossy")
+            _extra_settings(full_workload(), _alternatives_for("extra", default), args.seeds, out, Path(tmp))
+        return
     out = args.out or ROOT / "bench" / "results" / ("excp.json" if args.quick else "excp_smollm2.json")
     if args.recompute_tradeoff:
         _recompute_tradeoff(out)
@@ -296,12 +377,17 @@ def main() -> None:
     if args.replot:
         _replot(out)
         return
+    with tempfile.TemporaryDirectory(prefix="excp-bench-") as tmp:  # GBs of ExCP files
+        _measure(args, out, Path(tmp))
+
+
+def _measure(args: argparse.Namespace, out: Path, tmp: Path) -> None:
+    """The default's runs over the seeds, storage, speed, the alternative settings and the mode's extras."""
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
     load_at_start = os.getloadavg()[0]  # speeds are only comparable at similar machine load
     wl = quick_workload() if args.quick else full_workload()
     print(f"workload: {wl.name}, {wl.steps} steps, checkpoint every {wl.interval}")
-    tmp = Path(tempfile.mkdtemp(prefix="excp-bench-"))
     default = ExCPSettings(threads=THREADS, keyframe_moments="lossy")
 
     pairs, timings = {}, {}
@@ -352,7 +438,8 @@ def main() -> None:
     }
     started = time.perf_counter()
     result["alternative_settings"] = {
-        label: _resumes_with(wl, pairs, settings, label, tmp) for label, settings in _alternatives(default).items()
+        label: _resumes_with(wl, pairs, settings, label, tmp)
+        for label, settings in _alternatives_for(result["mode"], default).items()
     }
     timings["alternative_settings_s"] = time.perf_counter() - started
     if args.quick:
@@ -380,12 +467,7 @@ def main() -> None:
         result["entropy_coding"] = {"streams": stream_report([Path(r["path"]) for r in lossy0.files])}
         timings["full_extras_s"] = time.perf_counter() - started
     result["targets"] = _report_targets(result)
-    result["machine"] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor(),
-        "load_average_1m_at_start_and_end": [load_at_start, os.getloadavg()[0]],
-    }
+    result["machine"] = _machine(load_at_start)
     result["timings_s"] = timings
     result["wall_s"] = time.perf_counter() - t_start
     atomic_write_json(out, result)

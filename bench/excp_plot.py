@@ -86,10 +86,36 @@ def plot(result: dict[str, Any], pairs: dict[int, tuple[Any, Any]], wl: Any, png
     atomic_save_figure(fig, png, dpi=110)
 
 
+def plot_settings(result: dict[str, Any], png: Path) -> None:
+    """The figure of an ``--extra-settings`` record: ratio against quality, and speed, per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    _settings_panel(axes[0], result)
+    settings = result["alternative_settings"]
+    labels = list(settings)
+    x = range(len(labels))
+    for offset, key, name in ((-0.2, "encode_mb_s", "encode"), (0.2, "decode_mb_s", "decode")):
+        axes[1].bar([i + offset for i in x], [settings[label][key] for label in labels], width=0.4, label=name)
+    axes[1].set_xticks(list(x), labels, fontsize=7, rotation=10)
+    axes[1].set_ylabel(f"MB/s of raw W+m+v, {result['threads']} threads")
+    axes[1].set_title("speed over the seed-0 run's deltas")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"ExCP on {result['workload_details']['name']}: {result['mode']}")
+    fig.tight_layout()
+    atomic_save_figure(fig, png, dpi=110)
+
+
 def _settings_panel(ax: Any, result: dict[str, Any]) -> None:
-    """Median delta ratio against |final loss delta| after the lossy resumes, the default beside the
-    alternative settings; the bar spans the seeds' signed deltas."""
-    points = {"default (k-means 4-bit)": {**result["lossy_resume"], "delta_ratio_median": result["delta_ratio_median"]}}
+    """Median delta ratio against |final loss delta| after the lossy resumes, the default (where the
+    record has it) beside the alternative settings; the bar spans the seeds' signed deltas."""
+    points = {}
+    if "lossy_resume" in result:
+        default = {**result["lossy_resume"], "delta_ratio_median": result["delta_ratio_median"]}
+        points["default (k-means 4-bit)"] = default
     points.update(result.get("alternative_settings", {}))
     for label, p in points.items():
         per_seed = [d * 100 for d in p["final_loss_delta_rel_per_seed"]]

@@ -133,6 +133,36 @@ def test_an_alternative_setting_reruns_every_seed_against_the_same_uninterrupted
     assert out["delta_ratio_median"] > 1 and out["overall_ratio"] > 1
 
 
+def test_full_mode_and_extra_settings_measure_every_alternative_once():
+    from excp import SETTING_AT_70X_FISHER_SPLIT, _alternatives, _alternatives_for
+
+    default = ExCPSettings(threads=2)
+    every, full, extra = _alternatives(default), _alternatives_for("full", default), _alternatives_for("extra", default)
+    assert _alternatives_for("quick", default) == every
+    assert SETTING_AT_70X_FISHER_SPLIT in full and not set(full) & set(extra)
+    assert {**full, **extra} == every and extra  # nothing measured twice, nothing left out
+
+
+def test_an_extra_settings_record_compares_each_setting_over_the_seeds_and_replots(workload, tmp_path):
+    import json
+
+    from excp import _extra_settings, _replot
+
+    uniform = ExCPSettings(threads=2, quantizer="uniform")
+    out = tmp_path / "extra.json"
+    _extra_settings(workload, {"uniform": uniform}, 2, out, tmp_path / "work")
+    record = json.loads(out.read_text())
+    row = record["alternative_settings"]["uniform"]
+    assert row["settings"] == uniform.to_dict() and len(row["final_loss_delta_rel_per_seed"]) == 2
+    finals = record["final_val_uninterrupted_per_seed"]
+    assert len(finals) == 2 and finals[0] != finals[1]  # two seeds really trained
+    assert row["seed_spread_rel"] == pytest.approx((max(finals) - min(finals)) / (sum(finals) / 2))
+    assert out.with_suffix(".png").stat().st_size > 0
+    out.with_suffix(".png").unlink()
+    _replot(out)  # a record without the default's runs still redraws
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_a_split_resume_swaps_in_only_the_named_decoded_part():
     from excp_resume_damage import _with_decoded
 

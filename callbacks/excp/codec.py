@@ -121,7 +121,8 @@ class ExCPSettings:
             :mod:`callbacks.excp.allocation`). SmolLM2 continued pretraining at 1.37 bits per
             parameter with Fisher-ranked k-means 4-bit, 9 lossy resumes x 3 seeds: 70.2x median delta
             at 0.81% validation loss off the uninterrupted runs split by Fisher, 1.10% split evenly;
-            encode 92 against 112 MB/s (``bench/results/excp_smollm2.json``). Only the budget mode
+            encode 81 against 103 MB/s (``bench/results/excp_smollm2.json`` and its ``_extra_settings``
+            twin, separate runs: this machine's speeds vary by up to 40% between runs). Only the budget mode
             splits a budget, so ``"fisher"`` needs ``target_bits_per_param``.
         quantizer: ``"kmeans"`` (the paper's k-means codebooks) or ``"uniform"`` (evenly spaced
             levels: centred on zero for the signed W and m streams, log-spaced for v). After entropy

@@ -133,8 +133,8 @@ def main() -> None:
     run = one_resume_run("excp_momentum_oracle", __doc__.splitlines()[0])
     args, out, wl, reference_step, horizon = run.args, run.out, run.workload, run.reference_step, run.horizon
     s = _alternatives(ExCPSettings(threads=THREADS, keyframe_moments="lossy"))[SETTING_AT_70X]
-    tmp = Path(tempfile.mkdtemp(prefix="excp-momentum-oracle-"))
-    seeds = [_seed(wl, seed, s, reference_step, horizon, tmp) for seed in range(args.seeds)]
+    with tempfile.TemporaryDirectory(prefix="excp-momentum-oracle-") as tmp:  # the encoded deltas, removed at the end
+        seeds = [_seed(wl, seed, s, reference_step, horizon, Path(tmp)) for seed in range(args.seeds)]
     summary: dict[str, Any] = {
         label: _spread([r["val_loss_delta_rel_after_horizon"][label] for r in seeds]) for label in VARIANTS
     }

@@ -193,8 +193,8 @@ def main() -> None:
     run = one_resume_run("excp_resume_damage", __doc__.splitlines()[0])
     args, out, wl, reference_step, horizon = run.args, run.out, run.workload, run.reference_step, run.horizon
     settings = _settings()
-    tmp = Path(tempfile.mkdtemp(prefix="excp-resume-damage-"))
-    seeds = [_seed(wl, seed, settings, reference_step, horizon, tmp) for seed in range(args.seeds)]
+    with tempfile.TemporaryDirectory(prefix="excp-resume-damage-") as tmp:  # the encoded deltas, removed at the end
+        seeds = [_seed(wl, seed, settings, reference_step, horizon, Path(tmp)) for seed in range(args.seeds)]
     result = {
         "mode": "quick" if args.quick else "full",
         "workload": run.describe(),

@@ -106,6 +106,8 @@ def _alternatives(default: ExCPSettings) -> dict[str, ExCPSettings]:
 #: The alternatives full mode measures beside the default; ``--extra-settings`` measures the rest. Each costs
 #: every seed's lossy run again (~17 min on 2 cores): all of them in one run would take ~80 min.
 FULL_MODE_ALTERNATIVES = (SETTING_AT_70X_FISHER_SPLIT,)
+#: The ``mode`` of an ``--extra-settings`` record (no default runs, so it has its own figure).
+EXTRA_SETTINGS_MODE = "full, extra settings"
 
 
 def _alternatives_for(mode: str, default: ExCPSettings) -> dict[str, ExCPSettings]:
@@ -243,9 +245,8 @@ def _extra_settings(wl: Workload, settings: dict[str, ExCPSettings], seeds: int,
     timings["alternative_settings_s"] = time.perf_counter() - started
     finals = [base.final_val for base, _ in pairs.values()]
     result: dict[str, Any] = {
-        "mode": "full, extra settings",
-        "workload": f"{wl.name}; {wl.steps} steps, a checkpoint every {wl.interval}, {seeds} seeds; the chain "
-        f"starts from {wl.describe()['chain_start']}; shrunk: {wl.shrunk or 'nothing'}",
+        "mode": EXTRA_SETTINGS_MODE,
+        "workload": _workload_line(wl, seeds),
         "workload_details": wl.describe(),
         "threads": THREADS,
         "main_record": "bench/results/excp_smollm2.json: the default and the setting at the paper's ratio, "
@@ -259,6 +260,14 @@ def _extra_settings(wl: Workload, settings: dict[str, ExCPSettings], seeds: int,
     atomic_write_json(out, result)
     plot_settings(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_s']:.0f} s")
+
+
+def _workload_line(wl: Workload, seeds: int) -> str:
+    """The record's one-line workload: what was trained, how often it was saved, and what was shrunk."""
+    return (
+        f"{wl.name}; {wl.steps} steps, a checkpoint every {wl.interval}, {seeds} seeds; the chain starts from "
+        f"{wl.describe()['chain_start']}; shrunk: {wl.shrunk or 'nothing'}"
+    )
 
 
 def _machine(load_at_start: float) -> dict[str, Any]:
@@ -307,7 +316,7 @@ def _replot(path: Path) -> None:
     from excp_workload import Run
 
     result = _read_record(path, "replot")
-    if "lossy_resume" not in result and "alternative_settings" in result:  # an --extra-settings record
+    if result.get("mode") == EXTRA_SETTINGS_MODE:
         plot_settings(result, path.with_suffix(".png"))
         return
     try:
@@ -362,10 +371,13 @@ def main() -> None:
     )
     ap.add_argument("--replot", action="store_true", help="redraw the PNG of an existing record (no training)")
     args = ap.parse_args()
-    if args.extra_settings and (args.quick or args.recompute_tradeoff or args.replot):
-        ap.error("--extra-settings is a full-mode run of its own: drop --quick, --recompute-tradeoff and --replot")
+    if args.extra_settings and (args.quick or args.recompute_tradeoff):
+        ap.error("--extra-settings is a full-mode run of its own: drop --quick and --recompute-tradeoff")
     if args.extra_settings:
         out = args.out or ROOT / "bench" / "results" / "excp_smollm2_extra_settings.json"
+        if args.replot:
+            _replot(out)
+            return
         with tempfile.TemporaryDirectory(prefix="excp-bench-extra-") as tmp:  # GBs of ExCP files
             default = ExCPSettings(threads=THREADS, keyframe_moments="lossy")
             _extra_settings(full_workload(), _alternatives_for("extra", default), args.seeds, out, Path(tmp))
@@ -419,8 +431,7 @@ def _measure(args: argparse.Namespace, out: Path, tmp: Path) -> None:
 
     result: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
-        "workload": f"{wl.name}; {wl.steps} steps, a checkpoint every {wl.interval}, {args.seeds} seeds; the "
-        f"chain starts from {wl.describe()['chain_start']}; shrunk: {wl.shrunk or 'nothing'}",
+        "workload": _workload_line(wl, args.seeds),
         "workload_details": wl.describe(),
         "settings": default.to_dict(),
         "threads": THREADS,

@@ -100,7 +100,7 @@ class ExCPSettings:
             time to load the last checkpoint and what one lost file takes with it). 20 is chosen from
             the trade-off ``bench/excp.py`` measures (SmolLM2-135M, a keyframe with lossy moments 2.9x,
             deltas ~29x, 2 threads): a long run averages 15x at 10, 20x at 20, 25x at 50, and the
-            slowest load (a segment's last file) takes 32, 58 or 138 s; a run of up to 20 checkpoints
+            slowest load (a segment's last file) takes 31, 57 or 136 s; a run of up to 20 checkpoints
             from pretrained weights then stores no keyframe at all.
         keyframe_moments: ``"lossless"`` or ``"lossy"``: a keyframe's weights are always exact; lossy
             quantizes its Adam moments like a delta's (``bits_m``/``bits_v`` k-means codebooks, nothing

@@ -345,7 +345,13 @@ def main() -> None:
     # wait on descheduled peers), and every latency figure is single-thread by design
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="flextron_bench_"))
+    # the quick parent, the tokenized data and the exported sub-network go away with the run
+    with tempfile.TemporaryDirectory(prefix="flextron_bench_") as tmp:
+        _measure(args, cfg, Path(tmp), t0)
+
+
+def _measure(args: argparse.Namespace, cfg: dict, work: Path, t0: float) -> None:
+    """Train every method, time the latency table and the export, and write the record and its plot."""
     dm_kwargs = {"val_fraction": 0.05, "seed": 0}
     parent, blocks, calib = prepare(cfg, work, dm_kwargs)
     log(f"setup took {time.perf_counter() - t0:.1f}s")

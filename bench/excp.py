@@ -59,6 +59,7 @@ from excp_storage import (  # noqa: E402
 )
 from excp_streams import entropy_coding_report, gradient_scale_report, stream_report  # noqa: E402
 from excp_workload import Workload, full_workload, quick_workload, train  # noqa: E402
+from records import read_record  # noqa: E402
 
 from callbacks.excp.codec import ExCPSettings  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
@@ -279,25 +280,11 @@ def _machine(load_at_start: float) -> dict[str, Any]:
     }
 
 
-def _read_record(path: Path, purpose: str) -> dict[str, Any]:
-    """A record this bench wrote, or one line saying why it cannot be used for ``purpose``."""
-    import json
-
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        message = f"{path}: cannot read the record to {purpose} ({err}); run `python bench/excp.py` first"
-        raise SystemExit(message) from None
-    if not isinstance(result, dict):
-        raise SystemExit(f"{path}: not a record of bench/excp.py; run `python bench/excp.py` first")
-    return result
-
-
 def _recompute_tradeoff(path: Path) -> None:
     """Rewrite a full record's keyframe-interval estimate from the files and keyframe it measured."""
     from datetime import UTC, datetime
 
-    result = _read_record(path, "recompute")
+    result = read_record(path, "recompute", "bench/excp.py")
     if result.get("mode") != "full":
         raise SystemExit(f"{path}: --recompute-tradeoff needs a full-mode record (its keyframe is measured there)")
     try:
@@ -315,7 +302,7 @@ def _replot(path: Path) -> None:
 
     from excp_workload import Run
 
-    result = _read_record(path, "replot")
+    result = read_record(path, "replot", "bench/excp.py")
     if result.get("mode") == EXTRA_SETTINGS_MODE:
         plot_settings(result, path.with_suffix(".png"))
         return

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import lightning as L  # noqa: E402
+from records import read_record  # noqa: E402
 
 from common.atomic import atomic_save_figure, atomic_write_json  # noqa: E402
 from common.hf_loading import load_causal_lm, tiny_llama_config  # noqa: E402
@@ -337,7 +338,12 @@ def main() -> None:
     ap.add_argument("--plot-only", metavar="JSON", default=None, help="redraw the PNG of a result JSON, run nothing")
     args = ap.parse_args()
     if args.plot_only:
-        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        record = Path(args.plot_only)
+        try:
+            plot(read_record(record, "replot", "bench/flextron.py"), record.with_suffix(".png"))
+        except KeyError as err:
+            message = f"{record}: the record lacks {err} to replot; run `python bench/flextron.py` again"
+            raise SystemExit(message) from None
         return
     cfg = QUICK if args.quick else FULL
     args.out = args.out or str(RESULTS / ("flextron.json" if args.quick else "flextron_smollm2.json"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import random
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.excp_mutations import Campaign  # noqa: E402
+from bench.records import read_record  # noqa: E402
 from callbacks.excp import ExCPFormatError, load_checkpoint  # noqa: E402
 from callbacks.excp.cli import main as cli_main  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
@@ -280,7 +280,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     started = time.perf_counter()
     keep = parts != {"fuzz", "kills", "resume"} and args.out.exists()
-    result: dict[str, Any] = json.loads(args.out.read_text()) if keep else {}
+    result: dict[str, Any] = read_record(args.out, "keep its other parts", "bench/excp_safety.py") if keep else {}
     result.update(
         mode="quick" if args.quick else "full",
         command="python bench/excp_safety.py" + (" --quick" if args.quick else ""),
